@@ -1,0 +1,75 @@
+"""Split a Server-Sent Events byte stream into events, without decoding it.
+
+Job: ``SSEScanner.feed(chunk)`` returns the complete events found so far as ``bytes``
+(each including its terminating blank line), keeping an incomplete tail for the next
+call. Event boundaries are a blank line: ``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``.
+
+It must not: decode text, parse JSON, or copy bytes it does not need to (the OpenAI-to-
+OpenAI path only scans chunks that might end a usage event). ``field()`` and ``data()``
+read one event's fields for the callers that translate.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r|\r\n\n|\n\r\n")
+
+
+class SSEScanner:
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._tail + chunk if self._tail else chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _BOUNDARY.finditer(data):
+            events.append(data[start : match.end()])
+            start = match.end()
+        self._tail = data[start:]
+        return events
+
+    def flush(self) -> bytes:
+        """The bytes after the last complete event (an unterminated final event)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+    @property
+    def pending(self) -> int:
+        return len(self._tail)
+
+
+def fields(event: bytes) -> tuple[str, bytes]:
+    """(event name, joined data) of one raw event; name is "" when absent.
+
+    Comment lines (``:``) and other fields are ignored; several ``data:`` lines join with
+    ``\\n`` as the SSE spec says.
+    """
+    name = ""
+    data: list[bytes] = []
+    for line in event.splitlines():
+        if not line or line.startswith(b":"):
+            continue
+        key, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if key == b"data":
+            data.append(value)
+        elif key == b"event":
+            name = value.decode("utf-8", "replace")
+    return name, b"\n".join(data)
+
+
+def is_comment_only(event: bytes) -> bool:
+    """True for keep-alive events made only of comment lines (they carry no content)."""
+    return all(not line or line.startswith(b":") for line in event.splitlines())
+
+
+def encode(data: bytes, event: str | None = None) -> bytes:
+    """One SSE event for a single-line JSON payload."""
+    if event:
+        return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\n"
