@@ -1,0 +1,65 @@
+"""The state of one request, in one typed object, and the services a worker shares.
+
+``RequestContext`` is created when a request arrives and read by ``log_request`` when it
+ends; every phase writes what it learnt here, never into string-keyed bags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from edgeproxy.usage import Usage
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+
+    from edgeproxy.db import KeyCache, KeyRecord, Ledger
+    from edgeproxy.metrics import Metrics
+    from edgeproxy.runtime import RuntimeRef
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    endpoint: str  # the public path, e.g. "/v1/chat/completions"
+    dialect: Literal["openai", "anthropic"]  # the shape of errors and streams the client wants
+    started: float  # loop.time()
+    ts: float  # wall clock, for the ledger
+    key: KeyRecord | None = None
+    model: str = ""
+    stream: bool = False
+    client_wants_usage: bool = False
+    upstream: str = "none"
+    attempts: int = 0
+    tried: set[str] = field(default_factory=set)
+    status: int = 0
+    ttfb: float | None = None  # seconds from arrival to the status line
+    usage: Usage | None = None
+    prompt_bytes: int = 0  # for estimating tokens when the upstream reports none
+    events_out: int = 0
+    response: web.StreamResponse | None = None  # set at the commit point
+    client_gone: bool = False
+    error_code: str = ""
+
+    @property
+    def committed(self) -> bool:
+        return self.response is not None
+
+
+@dataclass(slots=True)
+class Services:
+    """What every request of a worker shares; built once in ``server``."""
+
+    ref: RuntimeRef
+    session: aiohttp.ClientSession
+    keys: KeyCache
+    ledger: Ledger
+    metrics: Metrics
+    rng: random.Random = field(default_factory=random.Random)
+    inflight: int = 0
+    draining: bool = False
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # model requests, for the drain

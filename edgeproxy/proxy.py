@@ -1,0 +1,417 @@
+"""The story of one model request, phase by phase (after Pingora's proxy phases).
+
+1. ``request_filter``  request id, admission, body read once and parsed once, field checks
+2. ``upstream_peer``   pick an upstream: lowest healthy tier, weighted, untried first
+3. ``attempt``         build the upstream request (``outbound``), send it, and hand the
+                       response to ``relay`` which finds the commit point
+4. retry loop          a failed try before the commit point backs off and goes to 2
+5. ``fail_to_proxy``   an error JSON if nothing was sent yet; else the stream was already
+                       ended with an SSE error event by ``relay``
+6. ``log_request``     always, in ``finally``, synchronous: metrics, access log, ledger
+
+Only ``handle`` catches ``ProxyError``; phases raise them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from edgeproxy import errors, inbound, keys, outbound, relay
+from edgeproxy.context import RequestContext, Services
+from edgeproxy.db import UsageRecord
+from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.relay import AttemptFailed, ClientGone
+from edgeproxy.streams import StreamError
+from edgeproxy.retry import KEY_REFUSED, delay, should_retry
+from edgeproxy.runtime import Runtime
+from edgeproxy.upstreams import UpstreamState
+from edgeproxy.usage import Usage, cost_usd, estimate_tokens
+
+access_log = logging.getLogger("edgeproxy.access")
+log = logging.getLogger("edgeproxy")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Endpoints that any upstream kind can serve (translated when needed); the others of
+# SPEC §3 are OpenAI-only and passed through.
+CHAT_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/messages"})
+OPENAI_ONLY = frozenset({"openai"})
+# How much of an upstream error body we read: enough for any error message, and bounded.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def request_id(headers: Any) -> str:
+    sent = headers.get("x-request-id")
+    if sent and _REQUEST_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
+
+
+async def handle(request: web.Request, svc: Services, endpoint: str, dialect: str) -> web.StreamResponse:
+    rt = svc.ref.current  # read once: a reload mid-request does not change this request
+    loop = asyncio.get_running_loop()
+    ctx = RequestContext(
+        request_id=request_id(request.headers),
+        endpoint=endpoint,
+        dialect=dialect,  # type: ignore[arg-type]
+        started=loop.time(),
+        ts=time.time(),
+    )
+    headers = {"x-request-id": ctx.request_id}
+    task = asyncio.current_task()
+    svc.tasks.add(task)  # type: ignore[arg-type]
+    svc.inflight += 1
+    svc.metrics.inflight.inc()
+    try:
+        req = await request_filter(ctx, request, rt, svc)
+        return await proxy(ctx, request, req, rt, svc, headers)
+    except errors.ProxyError as exc:
+        return fail_to_proxy(ctx, exc, headers)
+    except ClientGone:
+        ctx.client_gone = True
+        return ctx.response or web.Response(status=499)
+    except asyncio.CancelledError:
+        if svc.draining and ctx.response is not None:
+            # shutdown_grace is over: end the stream cleanly rather than cutting it
+            await relay.end_stream(ctx, errors.ServerOverloaded("the relay is shutting down"))
+            ctx.status = 503
+        else:
+            ctx.client_gone = True  # the client went away; aiohttp cancelled us
+        raise
+    finally:
+        svc.tasks.discard(task)  # type: ignore[arg-type]
+        svc.inflight -= 1
+        svc.metrics.inflight.dec()
+        log_request(ctx, rt, svc, loop.time())
+
+
+async def request_filter(
+    ctx: RequestContext, request: web.Request, rt: Runtime, svc: Services
+) -> outbound.ClientRequest:
+    """Admission and the client's body. Raising refuses the request before any upstream."""
+    if svc.inflight > rt.config.max_inflight:
+        raise errors.ServerOverloaded(f"more than {rt.config.max_inflight} requests in flight")
+    ctx.key = keys.authenticate(request.headers, svc.keys)
+    keys.check_state(ctx.key)
+    raw = await read_body(request, rt)
+    ctx.prompt_bytes = len(raw)
+    content_type = request.headers.get("Content-Type", "")
+    span = None
+    if content_type.lower().startswith("multipart/"):
+        model, span = inbound.multipart_model(content_type, raw)
+        body = None
+    else:
+        body = inbound.parse_json(raw)
+        model = inbound.check_fields(body, needs_messages=ctx.endpoint in CHAT_ENDPOINTS)
+        ctx.stream = body.get("stream") is True
+    ctx.model = model
+    keys.check_model(ctx.key, model)
+    keys.check_budget(ctx.key)
+    if not svc.ledger.healthy:
+        raise errors.LedgerUnavailable()
+    if not rt.upstreams.serves(model, _kinds(ctx)):
+        raise errors.ModelNotFound(f"no upstream serves model '{model}'", param="model")
+    req = outbound.ClientRequest(
+        dialect=ctx.dialect,
+        path=ctx.endpoint[3:],  # "/v1/x" -> "/x": the upstream's base_url carries its version
+        raw=raw,
+        body=body,
+        content_type=content_type,
+        stream=ctx.stream,
+        client_headers=request.headers,
+        model_span=span,
+    )
+    ctx.client_wants_usage = ctx.dialect == "openai" and outbound.client_wants_usage(req)
+    return req
+
+
+def _kinds(ctx: RequestContext) -> frozenset[str] | None:
+    return None if ctx.endpoint in CHAT_ENDPOINTS else OPENAI_ONLY
+
+
+async def read_body(request: web.Request, rt: Runtime) -> bytes:
+    limit = rt.config.max_request_body
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.RequestTooLarge(f"request body is larger than {limit} bytes")
+    reader = inbound.BodyReader(request.headers.get("Content-Encoding", ""), limit)
+    try:
+        async with asyncio.timeout(rt.config.timeouts.client_read):
+            while chunk := await request.content.readany():
+                reader.feed(chunk)
+    except TimeoutError:
+        raise errors.InvalidRequest("request body was not received in time") from None
+    return reader.finish()
+
+
+async def proxy(
+    ctx: RequestContext,
+    request: web.Request,
+    req: outbound.ClientRequest,
+    rt: Runtime,
+    svc: Services,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """The retry loop: one try per upstream pick until success, the commit point, or the
+    end of the retry budget (``retry.attempts`` tries in all)."""
+    policy = rt.config.retry
+    failures: list[AttemptFailed] = []
+    kinds = _kinds(ctx)
+    while True:
+        state = rt.upstreams.pick(ctx.model, ctx.tried, kinds)
+        if state is None:
+            break
+        ctx.attempts += 1
+        ctx.tried.add(state.name)
+        ctx.upstream = state.name
+        last = ctx.attempts >= policy.attempts
+        try:
+            response = await attempt(ctx, request, req, rt, svc, state, last, headers)
+        except AttemptFailed as failure:
+            failures.append(failure)
+            svc.metrics.attempt(state.name, str(failure.outcome))
+            if not should_retry(policy, failure.outcome, ctx.attempts):
+                break
+            await asyncio.sleep(delay(policy, ctx.attempts, svc.rng))
+            continue
+        svc.metrics.attempt(state.name, "ok")
+        state.record_success()
+        return response
+    raise final_error(ctx, rt, failures)
+
+
+def final_error(ctx: RequestContext, rt: Runtime, failures: list[AttemptFailed]) -> errors.ProxyError:
+    """What the client sees when no try succeeded (SPEC §5, §6)."""
+    wait = rt.upstreams.cooling_wait(ctx.model)
+    if failures and all(f.outcome == 429 for f in failures) or (not failures and wait):
+        seconds = [f.error.retry_after for f in failures if f.error.retry_after] or [wait or 1]
+        return errors.UpstreamRateLimited(retry_after=max(1, math.ceil(min(s for s in seconds if s))))
+    if not failures:
+        return errors.NoAvailableUpstream(f"no healthy upstream for model '{ctx.model}'")
+    if all(f.outcome == "timeout" for f in failures):
+        return errors.UpstreamTimeout(f"upstream timed out on {len(failures)} tries")
+    return failures[-1].error
+
+
+async def attempt(
+    ctx: RequestContext,
+    request: web.Request,
+    req: outbound.ClientRequest,
+    rt: Runtime,
+    svc: Services,
+    state: UpstreamState,
+    last: bool,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """One try at one upstream. Raises AttemptFailed before the commit point; after it,
+    ends the client's stream itself and returns the response."""
+    upstream = state.config
+    key = state.next_key()
+    rule = rt.model_rule(ctx.model)
+    params = rule.params if rule is not None else outbound.Params()
+    images = await _gemini_images(req, svc) if upstream.kind == "gemini" else None
+    out = outbound.build(req, upstream, rt.headers[upstream.name][key], params, images)
+    t = upstream.timeouts
+    timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect)
+    try:
+        async with asyncio.timeout(t.first_byte) as deadline:
+            async with svc.session.post(out.url, data=out.body, headers=out.headers, timeout=timeout) as resp:
+                if resp.status >= 300:
+                    return await _upstream_error(ctx, resp, rt, state, key, headers)
+                if resp.content_type == "text/event-stream":
+                    return await relay.relay_stream(
+                        ctx, request, resp, deadline,
+                        upstream_kind=upstream.kind, translated=out.translated,
+                        withhold_usage=ctx.stream and not ctx.client_wants_usage,
+                        last=last, idle_s=t.idle, headers=headers,
+                    )  # fmt: skip
+                if resp.content_type == "application/json" or out.translated:
+                    return await relay.relay_json(
+                        ctx, resp, upstream_kind=upstream.kind, translated=out.translated,
+                        last=last, headers=headers,
+                    )  # fmt: skip
+                return await relay.relay_bytes(ctx, request, resp, deadline, idle_s=t.idle, headers=headers)
+    except AttemptFailed as failure:
+        if failure.outcome not in KEY_REFUSED and failure.outcome != 429:
+            state.record_failure(rt.upstreams.clock(), rt.config.health)
+        raise
+    except TimeoutError:
+        return await _failed(ctx, rt, state, "timeout", errors.UpstreamTimeout("upstream timed out"))
+    except (aiohttp.ClientError, OSError) as exc:
+        if isinstance(exc, aiohttp.ClientConnectionResetError) and ctx.client_gone:
+            raise ClientGone from exc
+        message = "could not reach the upstream" if not ctx.committed else "upstream connection failed"
+        return await _failed(ctx, rt, state, "connect_error", errors.UpstreamError(message))
+    except StreamError as exc:
+        return await _failed(ctx, rt, state, 502, errors.UpstreamError(_scrub(rt, str(exc))))
+
+
+async def _failed(
+    ctx: RequestContext, rt: Runtime, state: UpstreamState, outcome: int | str, error: errors.ProxyError
+) -> web.StreamResponse:
+    """A transport failure: retryable before the commit point, an error event after it."""
+    state.record_failure(rt.upstreams.clock(), rt.config.health)
+    if ctx.response is None:
+        raise AttemptFailed(outcome, error)
+    await relay.end_stream(ctx, error)
+    return ctx.response
+
+
+async def _upstream_error(
+    ctx: RequestContext,
+    resp: aiohttp.ClientResponse,
+    rt: Runtime,
+    state: UpstreamState,
+    key: str,
+    headers: dict[str, str],
+) -> web.Response:
+    """A non-2xx status line from the upstream."""
+    status = resp.status
+    body = await resp.content.read(_ERROR_BODY_LIMIT)
+    if status in KEY_REFUSED:
+        # our own upstream key is bad: out of the rotation; the client never sees this body
+        state.drop_key(key)
+        log.warning(orjson.dumps({"event": "upstream_key_refused", "upstream": state.name, "status": status}).decode())
+        raise AttemptFailed(status, errors.UpstreamError("upstream refused the relay's credentials"))
+    if status == 429:
+        retry_after = _retry_after(resp.headers.get("Retry-After"))
+        if retry_after:
+            state.cool(rt.upstreams.clock() + retry_after)
+        raise AttemptFailed(429, errors.UpstreamRateLimited(retry_after=math.ceil(retry_after or 1)))
+    message = _scrub(rt, _error_message(body)) or f"upstream returned HTTP {status}"
+    if status >= 500 or status in rt.config.retry.on:
+        raise AttemptFailed(status, errors.UpstreamError(f"upstream returned HTTP {status}: {message}"[:600]))
+    # other 4xx describe the client's request: pass them on, scrubbed, in the client's shape
+    ctx.status = status
+    ctx.error_code = f"upstream_{status}"
+    response = web.Response(
+        status=status,
+        body=_client_error_body(ctx, state.config.kind, body, rt),
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    ctx.response = response
+    return response
+
+
+def _client_error_body(ctx: RequestContext, kind: str, body: bytes, rt: Runtime) -> bytes:
+    body = _scrub(rt, body.decode("utf-8", "replace")).encode()
+    converted: bytes | None = body
+    if ctx.dialect == "openai" and kind == "anthropic":
+        converted = anthropic.error_to_openai(body)
+    elif ctx.dialect == "openai" and kind == "gemini":
+        converted = gemini.error_to_openai(body)
+    elif ctx.dialect == "anthropic" and kind == "gemini":
+        as_openai = gemini.error_to_openai(body)
+        converted = anthropic.error_from_openai(as_openai) if as_openai else None
+    elif ctx.dialect == "anthropic" and kind == "openai":
+        converted = anthropic.error_from_openai(body)
+    if converted is None:
+        error = errors.InvalidRequest(_error_message(body) or "upstream refused the request")
+        converted = error.to_anthropic_json() if ctx.dialect == "anthropic" else error.to_json()
+    return converted
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace").strip()
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or "")[:500]
+    if isinstance(error, str):
+        return error[:500]
+    return ""
+
+
+def _scrub(rt: Runtime, text: str) -> str:
+    return errors.scrub(text, rt.secrets)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from LLM APIs; fall back to backoff
+    return seconds if 0 < seconds <= 3600 else None
+
+
+async def _gemini_images(req: outbound.ClientRequest, svc: Services) -> dict[str, tuple[str, bytes]]:
+    from edgeproxy.image_fetch import ImageFetchError, fetch_image
+
+    body = req.body or {}
+    if req.dialect == "anthropic":
+        body = anthropic.request_to_openai(body)
+    found: dict[str, tuple[str, bytes]] = {}
+    for url in gemini.image_urls(body):
+        try:
+            found[url] = await fetch_image(svc.session, url)
+        except ImageFetchError as exc:
+            raise errors.InvalidRequest(f"image {url[:100]!r}: {exc}", param="messages") from None
+    return found
+
+
+def fail_to_proxy(ctx: RequestContext, exc: errors.ProxyError, headers: dict[str, str]) -> web.StreamResponse:
+    """Before the commit point: the error JSON. After it the stream was already ended."""
+    if ctx.response is not None:
+        return ctx.response
+    ctx.status = exc.status
+    ctx.error_code = exc.code
+    body = exc.to_anthropic_json() if ctx.dialect == "anthropic" else exc.to_json()
+    return web.Response(
+        status=exc.status,
+        body=body,
+        headers={**headers, **exc.headers(), "Content-Type": "application/json"},
+    )
+
+
+def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> None:
+    """Always runs, never awaits: metrics, the access log line, the ledger record."""
+    if ctx.key is None:
+        return  # unauthenticated: nothing to bill, nobody to name (SPEC §4)
+    if ctx.client_gone and ctx.status in (0, 200):
+        ctx.status = 499  # nginx's "client closed request"
+    usage = ctx.usage
+    estimated = usage is None or ctx.client_gone
+    if usage is None:
+        usage = Usage(estimated=True)
+        if ctx.upstream != "none" and ctx.status in (200, 499):
+            usage.prompt = estimate_tokens(ctx.prompt_bytes)
+            usage.completion = ctx.events_out
+    rule = rt.model_rule(ctx.model) if ctx.model else None
+    cost = cost_usd(rule.price if rule else None, usage)
+    latency = now - ctx.started
+    label = rt.model_label(ctx.model) if ctx.model else "other"
+    svc.metrics.observe(
+        model=label, upstream=ctx.upstream, status=ctx.status, duration_s=latency, ttfb_s=ctx.ttfb,
+        prompt=usage.prompt, completion=usage.completion, cached=usage.cached, cost_usd=cost,
+        key_name=ctx.key.name,
+    )  # fmt: skip
+    record = UsageRecord(
+        request_id=ctx.request_id, ts=ctx.ts, key_id=ctx.key.id, key_name=ctx.key.name,
+        model=ctx.model, upstream=ctx.upstream, endpoint=ctx.endpoint, status=ctx.status,
+        attempts=ctx.attempts, latency_ms=round(latency * 1000, 3),
+        ttfb_ms=round(ctx.ttfb * 1000, 3) if ctx.ttfb is not None else None,
+        prompt_tokens=usage.prompt, completion_tokens=usage.completion,
+        cached_tokens=usage.cached, cost_usd=cost, estimated=estimated,
+    )  # fmt: skip
+    svc.ledger.record(record)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(orjson.dumps({
+            "ts": round(ctx.ts, 3), "request_id": ctx.request_id, "key": ctx.key.name,
+            "endpoint": ctx.endpoint, "model": ctx.model[:256], "upstream": ctx.upstream,
+            "status": ctx.status, "code": ctx.error_code or None, "attempts": ctx.attempts,
+            "latency_ms": record.latency_ms, "ttfb_ms": record.ttfb_ms,
+            "prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+            "cached_tokens": usage.cached, "cost_usd": round(cost, 8), "estimated": estimated,
+        }).decode())  # fmt: skip

@@ -1,0 +1,258 @@
+"""Relaying one upstream response to the client: JSON, SSE, or raw bytes.
+
+Job: read the upstream response, find the commit point (SPEC §3), send the status line
+there and not before, relay the rest, and collect usage on the way. Before the commit
+point a problem is raised as ``AttemptFailed`` so the proxy can try again; after it, the
+stream is ended with an SSE error event and nothing is retried.
+
+Runs inside the attempt's ``asyncio.timeout``: ``first_byte`` until the commit point, then
+rescheduled to ``idle`` after each content event (keep-alive comments do not count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from edgeproxy import errors
+from edgeproxy.context import RequestContext
+from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.streams import PassThrough, Translated
+from edgeproxy.usage import Usage, from_openai
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx in front must not buffer the stream
+}
+# Reschedule the idle deadline at most this often: a timer per chunk costs more than the
+# second of precision it buys.
+_BUMP_EVERY_S = 1.0
+
+
+class AttemptFailed(Exception):
+    """One try failed before the commit point. ``outcome`` is a ``retry.on`` word or status."""
+
+    def __init__(self, outcome: int | str, error: errors.ProxyError) -> None:
+        super().__init__(error.message)
+        self.outcome = outcome
+        self.error = error
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: it went away."""
+
+
+def empty_chat(body: dict[str, Any]) -> bool:
+    """A chat completion with no content, no tool call and no refusal in any choice."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return True
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        if message.get("content") or message.get("tool_calls") or message.get("refusal"):
+            return False
+        if message.get("reasoning_content") or message.get("function_call"):
+            return False
+        if isinstance(choice.get("text"), str) and choice["text"]:
+            return False
+    return True
+
+
+async def relay_json(
+    ctx: RequestContext,
+    resp: aiohttp.ClientResponse,
+    *,
+    upstream_kind: str,
+    translated: bool,
+    last: bool,
+    headers: dict[str, str],
+) -> web.Response:
+    """A whole JSON body: its arrival is the commit point."""
+    raw = await resp.read()
+    chat = ctx.endpoint in ("/v1/chat/completions", "/v1/messages")
+    parsed: Any = None
+    try:
+        parsed = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        if chat:
+            raise AttemptFailed(502, errors.UpstreamError("upstream sent invalid JSON")) from None
+    if not isinstance(parsed, dict):
+        if chat or not raw:
+            raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent no body"))
+        return _respond(ctx, raw, resp.content_type, headers)  # e.g. a JSON array: relay it
+    body, usage = _json_to_client(ctx, parsed, upstream_kind, translated)
+    if chat and empty_chat(body if ctx.dialect == "openai" else _anthropic_as_openai(body)):
+        if not last:
+            raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent an empty completion"))
+    ctx.usage = usage
+    out = orjson.dumps(body) if translated else raw
+    return _respond(ctx, out, "application/json", headers)
+
+
+def _anthropic_as_openai(body: dict[str, Any]) -> dict[str, Any]:
+    has = any(
+        (b.get("type") == "text" and b.get("text")) or b.get("type") == "tool_use"
+        for b in body.get("content") or []
+        if isinstance(b, dict)
+    )
+    return {"choices": [{"message": {"content": "x" if has else ""}}]}
+
+
+def _json_to_client(
+    ctx: RequestContext, parsed: dict[str, Any], upstream_kind: str, translated: bool
+) -> tuple[dict[str, Any], Usage | None]:
+    """(body in the client's dialect, normalised usage)."""
+    if not translated:
+        if upstream_kind == "anthropic":
+            return parsed, anthropic.usage_from(parsed.get("usage") or {})
+        return parsed, from_openai(parsed.get("usage"))
+    if upstream_kind == "anthropic":
+        usage = anthropic.usage_from(parsed.get("usage") or {})
+        as_openai = anthropic.response_to_openai(parsed, ctx.model)
+    elif upstream_kind == "gemini":
+        usage = gemini.usage_from(parsed.get("usageMetadata") or {})
+        as_openai = gemini.response_to_openai(parsed, ctx.model)
+    else:
+        usage = from_openai(parsed.get("usage"))
+        as_openai = parsed
+    if ctx.dialect == "anthropic":
+        return anthropic.response_from_openai(as_openai, ctx.model), usage
+    return as_openai, usage
+
+
+def _respond(ctx: RequestContext, body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:
+    response = web.Response(body=body, headers={**headers, "Content-Type": content_type})
+    ctx.response = response
+    ctx.status = 200
+    return response
+
+
+async def relay_stream(
+    ctx: RequestContext,
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    deadline: asyncio.Timeout,
+    *,
+    upstream_kind: str,
+    translated: bool,
+    withhold_usage: bool,
+    last: bool,
+    idle_s: float,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """SSE: hold the status line until the first content event, then relay as it comes."""
+    flt: PassThrough | Translated
+    if translated:
+        flt = Translated(upstream_kind, ctx.dialect, ctx.model, include_usage=ctx.client_wants_usage)
+    else:
+        flavor = "anthropic" if upstream_kind == "anthropic" else (
+            "openai" if ctx.endpoint in ("/v1/chat/completions", "/v1/completions") else "generic"
+        )
+        flt = PassThrough(flavor, withhold_usage=withhold_usage)
+    loop = asyncio.get_running_loop()
+    held: list[bytes] = []
+    bumped = 0.0
+    try:
+        async for chunk in resp.content.iter_any():
+            out = flt.feed(chunk)
+            if ctx.response is None:
+                if flt.error is not None:
+                    raise AttemptFailed(502, errors.UpstreamError(f"upstream error: {flt.error}"))
+                if out:
+                    held.append(out)
+                if flt.content_seen:
+                    await _commit_stream(ctx, request, headers, b"".join(held))
+                    held.clear()
+                    bumped = loop.time()
+                    deadline.reschedule(bumped + idle_s)
+            elif out:
+                await write(ctx, out)
+                if b"data:" in out and (now := loop.time()) - bumped > _BUMP_EVERY_S:
+                    bumped = now
+                    deadline.reschedule(now + idle_s)
+            if flt.done:
+                break
+        tail = flt.finish()
+    finally:
+        ctx.usage = flt.usage
+        ctx.events_out = flt.events
+    if ctx.response is None:
+        if not last:
+            raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent an empty stream"))
+        held.append(tail)
+        await _commit_stream(ctx, request, headers, b"".join(held))
+    elif tail:
+        await write(ctx, tail)
+    if not flt.done:
+        await end_stream(ctx, errors.UpstreamError("upstream closed the stream before its end"))
+    return ctx.response
+
+
+async def _commit_stream(
+    ctx: RequestContext, request: web.Request, headers: dict[str, str], first: bytes
+) -> None:
+    """The commit point: from here on nothing is retried."""
+    response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+    ctx.response = response
+    ctx.status = 200
+    ctx.ttfb = asyncio.get_running_loop().time() - ctx.started
+    try:
+        await response.prepare(request)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone from exc
+    if first:
+        await write(ctx, first)
+
+
+async def relay_bytes(
+    ctx: RequestContext,
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    deadline: asyncio.Timeout,
+    *,
+    idle_s: float,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Anything else (audio, files): the headers are the commit point, bytes follow as is."""
+    content_type = resp.headers.get("Content-Type", "application/octet-stream")
+    response = web.StreamResponse(status=200, headers={**headers, "Content-Type": content_type})
+    ctx.response = response
+    ctx.status = 200
+    ctx.ttfb = asyncio.get_running_loop().time() - ctx.started
+    try:
+        await response.prepare(request)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone from exc
+    loop = asyncio.get_running_loop()
+    async for chunk in resp.content.iter_any():
+        deadline.reschedule(loop.time() + idle_s)
+        await write(ctx, chunk)
+    return response
+
+
+async def write(ctx: RequestContext, data: bytes) -> None:
+    assert ctx.response is not None
+    try:
+        await ctx.response.write(data)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone from exc
+
+
+async def end_stream(ctx: RequestContext, error: errors.ProxyError) -> None:
+    """After the commit point: an SSE error event in the client's dialect, no [DONE]."""
+    ctx.error_code = error.code
+    body = error.to_anthropic_json() if ctx.dialect == "anthropic" else error.to_json()
+    event = (b"event: error\ndata: " if ctx.dialect == "anthropic" else b"data: ") + body + b"\n\n"
+    try:
+        # bounded: a client that stopped reading must not hold us here
+        async with asyncio.timeout(1.0):
+            await write(ctx, event)
+    except (TimeoutError, ClientGone):
+        ctx.client_gone = True

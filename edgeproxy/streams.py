@@ -1,0 +1,269 @@
+"""Response body filters for SSE: pass-through and translated.
+
+Job: a filter takes upstream bytes as they arrive (``feed``) and returns the bytes to send
+the client, while tracking what the proxy needs to know: has the first content event
+arrived (the commit point), is the stream done, did the upstream send an error event, and
+the usage it reported.
+
+``PassThrough`` is the OpenAI-to-OpenAI (and Anthropic-to-Anthropic) path: once content has
+been seen, a chunk that ends on an event boundary and carries no usage object is returned
+as the very same object, untouched. Only chunks holding a ``"usage":{`` object are split
+into events, to read the usage and to withhold the usage-only chunk from a client that did
+not ask for it. Bytes of an unfinished event wait for the rest of it, so a client never
+sees half an event and a withheld event is never half sent.
+
+``Translated`` parses every event, runs it through the dialect translators and serialises
+the result for the client's dialect.
+
+Pure: no sockets, no loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+
+from edgeproxy import sse
+from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.dialects.openai import carries_content
+from edgeproxy.usage import Usage, from_openai
+
+DONE = b"data: [DONE]\n\n"
+Flavor = Literal["openai", "anthropic", "generic"]
+
+
+class StreamError(Exception):
+    """The upstream reported an error inside its stream."""
+
+
+class PassThrough:
+    """Relays SSE bytes untouched. ``flavor`` says how to read content and usage:
+    ``openai`` chat/completions chunks, ``anthropic`` Messages events, ``generic`` other
+    OpenAI streams (responses API) where every data event counts as content."""
+
+    __slots__ = (
+        "_anthropic_usage",
+        "_tail",
+        "content_seen",
+        "done",
+        "error",
+        "events",
+        "flavor",
+        "usage",
+        "withhold_usage",
+    )
+
+    def __init__(self, flavor: Flavor, *, withhold_usage: bool = False) -> None:
+        self.flavor = flavor
+        self.withhold_usage = withhold_usage
+        self.content_seen = False
+        self.done = False
+        self.error: str | None = None
+        self.usage: Usage | None = None
+        self.events = 0  # content events relayed, for estimating tokens when no usage came
+        self._tail = b""
+        self._anthropic_usage: dict[str, Any] = {}
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk if self._tail else chunk
+        cut = sse.complete_len(data)
+        if cut == 0:
+            self._tail = data
+            return b""
+        if cut == len(data):
+            complete, self._tail = data, b""
+        else:
+            complete, self._tail = data[:cut], data[cut:]
+        self.events += complete.count(b"data:")
+        if self.content_seen and not sse.has_object(complete, b"usage"):
+            if self.flavor == "anthropic" and b"message_stop" in complete:
+                self.done = True
+            elif complete.endswith(DONE):
+                self.done = True
+            return complete  # the hot path: the same bytes object, no parsing
+        return self._inspect(complete)
+
+    def finish(self) -> bytes:
+        """At upstream EOF: an unterminated last event, relayed as it is."""
+        tail, self._tail = self._tail, b""
+        if self.flavor == "generic":
+            self.done = True
+        return tail
+
+    def _inspect(self, complete: bytes) -> bytes:
+        kept: list[bytes] = []
+        dropped = False
+        for event in sse.split(complete):
+            if self._read_event(event):
+                kept.append(event)
+            else:
+                dropped = True
+        return b"".join(kept) if dropped else complete
+
+    def _read_event(self, event: bytes) -> bool:
+        """Update state from one event; False when the event must be withheld."""
+        name, payload = sse.fields(event)
+        if not payload:
+            return True
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        if self.flavor == "anthropic":
+            self._read_anthropic(name or str(obj.get("type", "")), obj)
+            return True
+        if "error" in obj and not self.content_seen:
+            self.error = _error_message(obj.get("error"))
+        if self.flavor == "generic":
+            self.content_seen = True
+            usage = obj.get("usage") or (obj.get("response") or {}).get("usage")
+            self.usage = from_openai(usage) or self.usage
+            return True
+        if not self.content_seen and carries_content(obj):
+            self.content_seen = True
+        usage = from_openai(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            if self.withhold_usage and not obj.get("choices"):
+                return False
+        return True
+
+    def _read_anthropic(self, name: str, obj: dict[str, Any]) -> None:
+        if name == "message_start":
+            self._anthropic_usage.update((obj.get("message") or {}).get("usage") or {})
+        elif name == "message_delta":
+            self._anthropic_usage.update(obj.get("usage") or {})
+        elif name == "content_block_delta" or (
+            name == "content_block_start"
+            and (obj.get("content_block") or {}).get("type") == "tool_use"
+        ):
+            self.content_seen = True
+        elif name == "message_stop":
+            self.done = True
+        elif name == "error" and not self.content_seen:
+            self.error = _error_message(obj.get("error"))
+        if self._anthropic_usage and name in ("message_start", "message_delta"):
+            self.usage = anthropic.usage_from(self._anthropic_usage)
+
+
+class Translated:
+    """Upstream events of ``upstream_kind`` -> OpenAI chunks -> the client's dialect."""
+
+    __slots__ = (
+        "_from_openai",
+        "_scanner",
+        "_to_openai",
+        "client",
+        "content_seen",
+        "done",
+        "error",
+        "events",
+        "upstream_kind",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        upstream_kind: str,
+        client: Literal["openai", "anthropic"],
+        model: str,
+        *,
+        include_usage: bool,
+    ) -> None:
+        self.upstream_kind = upstream_kind
+        self.client = client
+        self._scanner = sse.SSEScanner()
+        self._to_openai: Any = None
+        if upstream_kind == "anthropic":
+            self._to_openai = anthropic.StreamToOpenAI(model, include_usage)
+        elif upstream_kind == "gemini":
+            self._to_openai = gemini.StreamToOpenAI(model, include_usage)
+        self._from_openai = anthropic.StreamFromOpenAI(model) if client == "anthropic" else None
+        self.content_seen = False
+        self.done = False
+        self.error: str | None = None
+        self.usage: Usage | None = None
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in self._scanner.feed(chunk):
+            self._event(event, out)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        out: list[bytes] = []
+        tail = self._scanner.flush()
+        if tail.strip():
+            self._event(tail, out)
+        if self._to_openai is not None and hasattr(self._to_openai, "finish"):
+            self._emit(self._to_openai.finish(), out)
+        self._take_usage()
+        if self._from_openai is not None:
+            out.extend(_anthropic_event(n, d) for n, d in self._from_openai.finish())
+        else:
+            out.append(DONE)
+        self.done = True
+        return b"".join(out)
+
+    def _event(self, event: bytes, out: list[bytes]) -> None:
+        name, payload = sse.fields(event)
+        if not payload:
+            return
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        self.events += 1
+        if self._to_openai is None:  # an OpenAI upstream: the event already is a chunk
+            if "error" in obj:
+                raise StreamError(_error_message(obj.get("error")))
+            usage = from_openai(obj.get("usage"))
+            if usage is not None:
+                self.usage = usage
+            self._emit([obj], out)
+            return
+        try:
+            if self.upstream_kind == "anthropic":
+                chunks = self._to_openai.feed(name or str(obj.get("type", "")), obj)
+            else:
+                chunks = self._to_openai.feed(obj)
+        except anthropic.UpstreamStreamError as exc:
+            raise StreamError(str(exc)) from None
+        self._emit(chunks, out)
+        self._take_usage()
+
+    def _emit(self, chunks: list[dict[str, Any]], out: list[bytes]) -> None:
+        for chunk in chunks:
+            if not self.content_seen and carries_content(chunk):
+                self.content_seen = True
+            if self._from_openai is None:
+                out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            else:
+                out.extend(_anthropic_event(n, d) for n, d in self._from_openai.feed(chunk))
+
+    def _take_usage(self) -> None:
+        if self._to_openai is not None and self._to_openai.usage is not None:
+            self.usage = self._to_openai.usage
+
+
+def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
+    return sse.encode(orjson.dumps(data), name)
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("type") or "upstream stream error")[:500]
+    return str(error or "upstream stream error")[:500]
+
