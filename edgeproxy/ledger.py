@@ -1,0 +1,319 @@
+"""All SQLite, part two: the usage table. The batched idempotent writer, reports, pruning.
+
+Job: ``Ledger`` takes one ``UsageRecord`` per model request without ever blocking the
+caller, and commits them in batches on one writer connection; ``usage_report`` answers
+``edgeproxy usage`` (SPEC §1); ``prune_usage`` deletes old rows for retention.
+
+Rules: a completed request is billed once and never lost (SPEC §4): ``INSERT OR IGNORE``
+by request id, ``spent_usd`` raised only for rows that were new, in the same transaction,
+and a batch that failed stays queued. SQL is built only from fixed names here; user
+input is always a bound parameter. Import these names from ``edgeproxy.db``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import sqlite3
+import time
+from collections import deque
+from typing import Any
+
+import aiosqlite
+
+from edgeproxy.db import connect, open_async, utc_now_iso, write
+from edgeproxy.records import DbError, InvalidValue, UsageRecord
+
+log = logging.getLogger("edgeproxy.db")
+
+_INSERT_USAGE = "INSERT OR IGNORE INTO usage VALUES (" + ", ".join("?" * 16) + ")"
+_BATCH_ROWS = 5000  # rows per transaction: bounds how long one commit holds the write lock
+_SQL_TYPES = (type(None), str, int, float, bool)
+_PROBE_AFTER_S = 10.0  # writable() writes a probe when nothing was committed for this long
+
+
+def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
+    """The usage table's columns, in its order."""
+    return (r.request_id, r.ts, r.key_id, r.key_name, r.model, r.upstream, r.endpoint,
+            r.status, r.attempts, r.latency_ms, r.ttfb_ms, r.prompt_tokens,
+            r.completion_tokens, r.cached_tokens, r.cost_usd, int(r.estimated))  # fmt: skip
+
+
+class Ledger:
+    """Usage records, committed in batches by one writer connection; never blocks a caller.
+
+    ``record`` appends to a bounded in-memory queue. A background task commits what is
+    queued at most ``interval_s`` after it arrived, in one transaction per batch:
+    ``INSERT OR IGNORE`` by request id, and ``spent_usd`` raised only for rows that were
+    new, so a replayed batch never bills twice. A failed batch stays queued and is
+    retried. ``healthy`` turns False when a commit failed, when a record has waited
+    longer than ``stall_s`` (SPEC §4: 5 s), or when the queue overflowed; the server
+    then refuses new requests. It turns True again after the next good commit.
+    """
+
+    def __init__(
+        self, conn: aiosqlite.Connection, *, interval_s: float, stall_s: float, max_queue: int
+    ) -> None:
+        self._conn = conn
+        self._interval_s = interval_s
+        self._stall_s = stall_s
+        self._max_queue = max_queue
+        self._queue: deque[tuple[float, tuple[Any, ...]]] = deque()  # (enqueued at, row)
+        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
+        self._wakeup = asyncio.Event()
+        self._failed = False
+        self._overflowed = False
+        self._closed = False
+        self._last_ok = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0  # records refused: queue full, ledger closed, or malformed
+
+    @classmethod
+    async def open(
+        cls,
+        db_path: str,
+        *,
+        interval_s: float = 0.2,
+        stall_s: float = 5.0,
+        max_queue: int = 100_000,
+    ) -> Ledger:
+        conn = await open_async(db_path)
+        ledger = cls(conn, interval_s=interval_s, stall_s=stall_s, max_queue=max_queue)
+        ledger._task = asyncio.create_task(ledger._run(), name="edgeproxy-ledger")
+        return ledger
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one record. Synchronous and O(1): call it from a ``finally``."""
+        row = _usage_row(rec)
+        storable = all(type(v) in _SQL_TYPES for v in row) and math.isfinite(rec.cost_usd)
+        if not (storable and isinstance(rec.request_id, str) and rec.request_id):
+            # A bug upstream of here; refused now, so it cannot block every batch behind it.
+            self.dropped += 1
+            log.error("ledger: dropping malformed usage record %r", rec.request_id)
+        elif self._closed or len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            if not self._overflowed:
+                log.error("ledger: queue full or closed, dropping usage records")
+            self._overflowed = True
+        else:
+            self._queue.append((time.monotonic(), row))
+            self._wakeup.set()
+
+    @property
+    def healthy(self) -> bool:
+        """Cheap, read for every request: False means answer 503 ledger_unavailable."""
+        if self._failed or self._overflowed:
+            return False
+        return not self._queue or time.monotonic() - self._queue[0][0] <= self._stall_s
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def writable(self) -> bool:
+        """For /readyz: ``healthy``, and a real write when the ledger has been idle."""
+        if self._closed:
+            return False
+        if self._queue or (not self._failed and time.monotonic() - self._last_ok < _PROBE_AFTER_S):
+            return self.healthy
+        async with self._lock:
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                await self._conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('ledger_probe', ?)",
+                    (utc_now_iso(),),
+                )
+                await self._conn.execute("COMMIT")
+            except sqlite3.Error as err:
+                await self._rollback()
+                self._fail(err)
+            else:
+                self._ok()
+        return self.healthy
+
+    async def flush(self) -> None:
+        """Commit everything queued now. Raises DbError if the database refuses it."""
+        async with self._lock:
+            while self._queue:
+                n = min(len(self._queue), _BATCH_ROWS)
+                rows = [row for _, row in itertools.islice(self._queue, n)]
+                try:
+                    await self._commit(rows)
+                except sqlite3.Error as err:
+                    self._fail(err)
+                    raise DbError(f"ledger: {err}") from None
+                for _ in range(n):
+                    self._queue.popleft()
+                self._ok()
+
+    async def close(self) -> None:
+        """Stop the writer, commit what is queued (the SIGTERM path), close the connection."""
+        if self._closed:
+            return
+        async with self._lock:  # not in the middle of a transaction
+            if self._task is not None:
+                self._task.cancel()
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        try:
+            await self.flush()
+        except DbError:
+            log.error("ledger: %d usage records could not be written at shutdown", self.pending)
+        finally:
+            self._closed = True
+            await self._conn.close()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            await asyncio.sleep(self._interval_s)  # gather a batch; SPEC: ≤ 200 ms behind
+            try:
+                await self.flush()
+            except DbError:
+                pass  # logged by _fail; the batch stays queued and the next round retries it
+            except Exception as err:  # a bug must not stop billing silently; no traceback in logs
+                log.error("ledger: writer error: %r", err)
+            if not self._queue:
+                self._wakeup.clear()
+
+    async def _commit(self, rows: list[tuple[Any, ...]]) -> None:
+        """One transaction: insert rows not yet there, and bill only those."""
+        conn = self._conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            seen = await self._existing([row[0] for row in rows])
+            fresh = []
+            for row in rows:
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    fresh.append(row)
+            await conn.executemany(_INSERT_USAGE, fresh)
+            spend: dict[int, float] = {}
+            for row in fresh:
+                key_id, cost = row[2], row[14]
+                if key_id is not None and cost:
+                    spend[key_id] = spend.get(key_id, 0.0) + cost
+            await conn.executemany(
+                "UPDATE keys SET spent_usd = spent_usd + ? WHERE id = ?",
+                [(usd, key_id) for key_id, usd in spend.items()],
+            )
+            await conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def _existing(self, request_ids: list[str]) -> set[str]:
+        """Request ids already in the ledger (under the write lock, so no race)."""
+        found: set[str] = set()
+        for i in range(0, len(request_ids), 500):  # well under SQLite's variable limit
+            chunk = request_ids[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = await self._conn.execute_fetchall(
+                f"SELECT request_id FROM usage WHERE request_id IN ({marks})", chunk
+            )
+            found.update(row[0] for row in rows)
+        return found
+
+    async def _rollback(self) -> None:
+        # Not `if in_transaction`: that flag is read before queued statements have run.
+        with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine
+            await self._conn.execute("ROLLBACK")
+
+    def _fail(self, err: sqlite3.Error) -> None:
+        if not self._failed:
+            log.error("ledger: cannot write usage (%d queued, kept): %s", self.pending, err)
+        self._failed = True
+
+    def _ok(self) -> None:
+        if self._failed:
+            log.info("ledger: writing usage again")
+        self._failed = False
+        self._overflowed = self._overflowed and len(self._queue) >= self._max_queue
+        self._last_ok = time.monotonic()
+
+
+# --- retention and reports (synchronous: the CLI, the admin API through to_thread) -----
+
+_PRUNE_ROWS = 10_000  # rows per delete transaction, so the writer never waits long
+
+
+def prune_usage(db_path: str, older_than_ts: float) -> int:
+    """Delete usage rows older than ``older_than_ts`` (unix seconds); returns how many."""
+    deleted = 0
+    with connect(db_path) as conn:
+        while True:
+            with write(conn):
+                n = conn.execute(
+                    "DELETE FROM usage WHERE rowid IN"
+                    " (SELECT rowid FROM usage WHERE ts < ? LIMIT ?)",
+                    (older_than_ts, _PRUNE_ROWS),
+                ).rowcount
+            deleted += n
+            if n < _PRUNE_ROWS:
+                return deleted
+
+
+# A --by field -> its SQL expression. Only these fixed strings are ever put into SQL.
+REPORT_FIELDS: dict[str, str] = {
+    "key": "key_name",
+    "model": "model",
+    "upstream": "upstream",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",  # a UTC date
+}
+_SUMS = (
+    "COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
+    " COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cost_usd), 0.0),"
+    " COALESCE(SUM(estimated), 0)"
+)
+_SUM_NAMES = (
+    "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+    "estimated_requests",
+)  # fmt: skip
+
+
+def usage_report(
+    db_path: str,
+    *,
+    key: str | None = None,
+    since_ts: float | None = None,
+    by: list[str] | None = None,
+) -> dict[str, Any]:
+    """SPEC §1 ``usage --json``: ``{"rows": [...], "total": {...}}``.
+
+    Each row holds its ``by`` fields (default ``["key"]``) and the sums; rows are ordered
+    by those fields. ``key`` keeps one key's rows, ``since_ts`` rows at or after it.
+    """
+    fields = list(dict.fromkeys(by or ["key"]))
+    unknown = [f for f in fields if f not in REPORT_FIELDS]
+    if unknown:
+        raise InvalidValue(f"cannot group by {', '.join(unknown)}; use {', '.join(REPORT_FIELDS)}")
+    where, params = ["1"], []
+    if key is not None:
+        where.append("key_name = ?")
+        params.append(key)
+    if since_ts is not None:
+        where.append("ts >= ?")
+        params.append(since_ts)
+    group = ", ".join(REPORT_FIELDS[f] for f in fields)
+    cond = " AND ".join(where)
+    with connect(db_path) as conn:
+        grouped = conn.execute(
+            f"SELECT {group}, {_SUMS} FROM usage WHERE {cond} GROUP BY {group} ORDER BY {group}",
+            params,
+        ).fetchall()
+        total = conn.execute(f"SELECT {_SUMS} FROM usage WHERE {cond}", params).fetchone()
+    return {
+        "rows": [
+            dict(zip(fields, row, strict=False)) | _sums(row[len(fields) :]) for row in grouped
+        ],
+        "total": _sums(total),
+    }
+
+
+def _sums(values: tuple[Any, ...]) -> dict[str, Any]:
+    sums = dict(zip(_SUM_NAMES, values, strict=True))
+    sums["cost_usd"] = round(sums["cost_usd"], 12)  # float noise, not money: 1e-12 USD
+    return sums
