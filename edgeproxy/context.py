@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from edgeproxy.limits import Limiter, Ticket
 from edgeproxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class RequestContext:
     response: web.StreamResponse | None = None  # set at the commit point
     client_gone: bool = False
     error_code: str = ""
+    ticket: Ticket | None = None  # admitted by the limiter: settled in log_request
 
     @property
     def committed(self) -> bool:
@@ -59,6 +61,7 @@ class Services:
     keys: KeyCache
     ledger: Ledger
     metrics: Metrics
+    limiter: Limiter = field(default_factory=Limiter)
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0
     draining: bool = False

@@ -52,9 +52,3 @@ def check_model(key: KeyRecord, model: str) -> None:
     if not key.allows(model):
         raise errors.ModelNotAllowed(f"key '{key.name}' may not use model '{model}'", param="model")
 
-
-def check_budget(key: KeyRecord) -> None:
-    if key.budget_usd is not None and key.spent_usd >= key.budget_usd:
-        raise errors.InsufficientQuota(
-            f"key '{key.name}' has spent its budget of ${key.budget_usd:g}"
-        )

@@ -30,6 +30,7 @@ from edgeproxy import errors, inbound, keys, outbound, relay
 from edgeproxy.context import RequestContext, Services
 from edgeproxy.db import UsageRecord
 from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.limits import needs_limiter
 from edgeproxy.relay import AttemptFailed, ClientGone
 from edgeproxy.streams import StreamError
 from edgeproxy.retry import KEY_REFUSED, delay, should_retry
@@ -115,11 +116,12 @@ async def request_filter(
         ctx.stream = body.get("stream") is True
     ctx.model = model
     keys.check_model(ctx.key, model)
-    keys.check_budget(ctx.key)
     if not svc.ledger.healthy:
         raise errors.LedgerUnavailable()
     if not rt.upstreams.serves(model, _kinds(ctx)):
         raise errors.ModelNotFound(f"no upstream serves model '{model}'", param="model")
+    if needs_limiter(ctx.key):
+        ctx.ticket = svc.limiter.admit(ctx.key, reserve_usd=_reservation(rt, model, body, len(raw)))
     req = outbound.ClientRequest(
         dialect=ctx.dialect,
         path=ctx.endpoint[3:],  # "/v1/x" -> "/x": the upstream's base_url carries its version
@@ -132,6 +134,17 @@ async def request_filter(
     )
     ctx.client_wants_usage = ctx.dialect == "openai" and outbound.client_wants_usage(req)
     return req
+
+
+def _reservation(rt: Runtime, model: str, body: dict[str, Any] | None, n_bytes: int) -> float:
+    """What an admitted request holds against its key's budget until it settles: its
+    prompt, estimated, and the completion it asked for at most."""
+    rule = rt.model_rule(model)
+    if rule is None or rule.price is None:
+        return 0.0
+    body = body or {}
+    most = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return cost_usd(rule.price, Usage(prompt=estimate_tokens(n_bytes), completion=most))
 
 
 def _kinds(ctx: RequestContext) -> frozenset[str] | None:
@@ -390,6 +403,8 @@ def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> 
             usage.completion = ctx.events_out
     rule = rt.model_rule(ctx.model) if ctx.model else None
     cost = cost_usd(rule.price if rule else None, usage)
+    if ctx.ticket is not None:  # first: a slot must never leak, whatever fails below
+        svc.limiter.settle(ctx.ticket, usage.prompt + usage.completion, cost)
     latency = now - ctx.started
     label = rt.model_label(ctx.model) if ctx.model else "other"
     svc.metrics.observe(
