@@ -28,13 +28,13 @@ from typing import Protocol
 from edgeproxy import errors
 
 WINDOW_S = 60.0
+COST_SMOOTHING = 0.2  # weight of the newest cost in the moving average
 
 
 @dataclass(slots=True)
 class Ticket:
     key_id: int
     reserved_usd: float
-    counted_concurrency: bool
 
 
 @dataclass(slots=True)
@@ -45,6 +45,7 @@ class KeyWindow:
     inflight: int = 0
     reserved_usd: float = 0.0
     spent_usd: float | None = None  # None until first seen: then taken from the database
+    typical_cost_usd: float = 0.0  # moving average of settled costs: the least a request reserves
 
 
 class KeyLimits(Protocol):
@@ -74,7 +75,9 @@ class Limiter:
         if w.spent_usd is None or key.spent_usd > w.spent_usd:
             w.spent_usd = key.spent_usd  # the database knows more (another node, a restart)
         if key.budget_usd is not None and w.spent_usd + w.reserved_usd >= key.budget_usd:
-            raise errors.InsufficientQuota(f"key '{key.name}' has spent its budget of ${key.budget_usd:g}")
+            raise errors.InsufficientQuota(
+                f"key '{key.name}' has spent its budget of ${key.budget_usd:g}"
+            )
         if key.concurrency is not None and w.inflight >= key.concurrency:
             raise errors.ConcurrencyLimitExceeded(
                 f"key '{key.name}' allows {key.concurrency} concurrent requests", retry_after=1
@@ -91,9 +94,12 @@ class Limiter:
             )
         if key.rpm is not None:
             w.requests.append(now)
+        # A prompt estimate alone under-reserves: before costs are known, reserve what this
+        # key's requests have recently cost, so a burst stops near the budget, not far past it.
+        reserve_usd = max(reserve_usd, w.typical_cost_usd)
         w.inflight += 1
         w.reserved_usd += reserve_usd
-        return Ticket(key.id, reserve_usd, counted_concurrency=True)
+        return Ticket(key.id, reserve_usd)
 
     def settle(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
         """The request ended: free its slot, swap its reservation for its real cost."""
@@ -104,6 +110,12 @@ class Limiter:
         w.reserved_usd = max(0.0, w.reserved_usd - ticket.reserved_usd)
         if w.spent_usd is not None:
             w.spent_usd += cost_usd
+        if cost_usd > 0:
+            w.typical_cost_usd = (
+                cost_usd
+                if not w.typical_cost_usd
+                else (COST_SMOOTHING * cost_usd + (1 - COST_SMOOTHING) * w.typical_cost_usd)
+            )
         if tokens > 0:
             w.tokens.append((self.clock(), tokens))
             w.tokens_sum += tokens
@@ -132,4 +144,6 @@ def _seconds(wait: float) -> int:
 
 def needs_limiter(key: KeyLimits) -> bool:
     """Keys with no limit and no budget skip the limiter entirely (the common fast path)."""
-    return not (key.rpm is None and key.tpm is None and key.concurrency is None and key.budget_usd is None)
+    return not (
+        key.rpm is None and key.tpm is None and key.concurrency is None and key.budget_usd is None
+    )
