@@ -361,8 +361,13 @@ MESSAGES_FIELD_MAPPING: tuple[MessagesFieldMapping, ...] = (
 def mapping_markdown() -> str:
     """The two field tables as Markdown (``docs/mapping.md`` embeds this verbatim)."""
 
+    def code(field: str) -> str:
+        # A pipe splits a table cell even inside backticks (GitHub Markdown): escape it.
+        field = field.replace("|", "\\|")
+        return field if field.startswith("(") else f"`{field}`"
+
     def cell(field: str, status: str) -> str:
-        return f"`{field}` ({status})" if field else f"— ({status})"
+        return f"{code(field)} ({status})" if field else f"— ({status})"
 
     lines = [
         "| OpenAI request field | Anthropic | Gemini | note |",
@@ -370,10 +375,10 @@ def mapping_markdown() -> str:
     ]
     for row in FIELD_MAPPING:
         lines.append(
-            f"| `{row.openai}` | {cell(row.anthropic, row.anthropic_status)} "
+            f"| {code(row.openai)} | {cell(row.anthropic, row.anthropic_status)} "
             f"| {cell(row.gemini, row.gemini_status)} | {row.note} |"
         )
     lines += ["", "| Anthropic request field (`/v1/messages`) | OpenAI | note |", "|---|---|---|"]
     for m in MESSAGES_FIELD_MAPPING:
-        lines.append(f"| `{m.anthropic}` | {cell(m.openai, m.status)} | {m.note} |")
+        lines.append(f"| {code(m.anthropic)} | {cell(m.openai, m.status)} | {m.note} |")
     return "\n".join(lines) + "\n"
