@@ -150,7 +150,9 @@ async def relay_stream(
     """SSE: hold the status line until the first content event, then relay as it comes."""
     flt: PassThrough | Translated
     if translated:
-        flt = Translated(upstream_kind, ctx.dialect, ctx.model, include_usage=ctx.client_wants_usage)
+        # an Anthropic client always gets usage (in message_delta), so ask the translator for it
+        wants_usage = ctx.client_wants_usage or ctx.dialect == "anthropic"
+        flt = Translated(upstream_kind, ctx.dialect, ctx.model, include_usage=wants_usage)
     else:
         flavor = "anthropic" if upstream_kind == "anthropic" else (
             "openai" if ctx.endpoint in ("/v1/chat/completions", "/v1/completions") else "generic"
