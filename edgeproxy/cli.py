@@ -21,10 +21,10 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
-from edgeproxy import __version__, db
+from edgeproxy import __version__, db, ledger
 from edgeproxy.config import ConfigError, load_config, summary
 from edgeproxy.ledger import REPORT_FIELDS
 from edgeproxy.records import check_expires
@@ -88,21 +88,11 @@ def parse_expires(text: str, *, removable: bool) -> date | None:
         raise BadArgument(f"--expires: expected a date YYYY-MM-DD{hint}, got {text!r}") from None
 
 
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 def parse_since(text: str, now: float) -> float:
-    """``30m`` / ``24h`` / ``7d`` / ``2w`` back from now, or the UTC start of ``YYYY-MM-DD``."""
-    if m := re.fullmatch(r"([0-9]+)([smhdw])", text.strip()):
-        return now - int(m[1]) * _UNIT_S[m[2]]
     try:
-        day = check_expires(text)
-    except db.InvalidValue:
-        raise BadArgument(
-            f"--since: expected a duration such as 30m, 24h, 7d or a date YYYY-MM-DD, got {text!r}"
-        ) from None
-    assert day is not None
-    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+        return ledger.parse_since(text, now)
+    except db.InvalidValue as exc:
+        raise BadArgument(f"--since: {exc}") from None
 
 
 def parse_by(text: str) -> list[str]:

@@ -17,15 +17,17 @@ import contextlib
 import itertools
 import logging
 import math
+import re
 import sqlite3
 import time
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 
 import aiosqlite
 
 from edgeproxy.db import connect, open_async, utc_now_iso, write
-from edgeproxy.records import DbError, InvalidValue, UsageRecord
+from edgeproxy.records import DbError, InvalidValue, UsageRecord, check_expires
 
 log = logging.getLogger("edgeproxy.db")
 
@@ -317,3 +319,20 @@ def _sums(values: tuple[Any, ...]) -> dict[str, Any]:
     sums = dict(zip(_SUM_NAMES, values, strict=True))
     sums["cost_usd"] = round(sums["cost_usd"], 12)  # float noise, not money: 1e-12 USD
     return sums
+
+
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """``30m`` / ``24h`` / ``7d`` / ``2w`` back from now, or the UTC start of ``YYYY-MM-DD``."""
+    if m := re.fullmatch(r"([0-9]+)([smhdw])", text.strip()):
+        return now - int(m[1]) * _UNIT_S[m[2]]
+    try:
+        day = check_expires(text)
+    except InvalidValue:
+        raise InvalidValue(
+            f"expected a duration such as 30m, 24h, 7d or a date YYYY-MM-DD, got {text!r}"
+        ) from None
+    assert day is not None
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()

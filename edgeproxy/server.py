@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from edgeproxy import __version__, endpoints, errors, proxy
+from edgeproxy import __version__, admin, endpoints, errors, proxy
 from edgeproxy.config import Config, ConfigError, load_config
 from edgeproxy.context import Services
 from edgeproxy.db import KeyCache, Ledger
@@ -64,6 +64,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     dialect = MODEL_ENDPOINTS.get(path)
     if dialect is not None and request.method == "POST":
         return await proxy.handle(request, svc, path, dialect)
+    if path.startswith("/admin/"):
+        try:
+            return await admin.handle(request, svc)
+        except errors.ProxyError as exc:
+            return _error(exc)
     handler = GET_ENDPOINTS.get(path)
     if handler is not None and request.method in ("GET", "HEAD"):
         try:
@@ -200,7 +205,7 @@ class Worker:
                        upstreams=[u.name for u in self.config.upstreams]))  # fmt: skip
 
     def bound_port(self) -> int:
-        server = self.site._server  # noqa: SLF001 - aiohttp keeps the asyncio server here
+        server = self.site._server
         sockets = getattr(server, "sockets", None) or []
         return sockets[0].getsockname()[1] if sockets else self.config.listen[1]
 
