@@ -11,7 +11,8 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from edgeproxy.limits import Limiter, Ticket
+from edgeproxy.limits import Ticket
+from edgeproxy.limits_ipc import LocalLimits, RemoteLimits
 from edgeproxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class Services:
     keys: KeyCache
     ledger: Ledger
     metrics: Metrics
-    limiter: Limiter = field(default_factory=Limiter)
+    limits: LocalLimits | RemoteLimits = field(default_factory=LocalLimits)
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0
     draining: bool = False

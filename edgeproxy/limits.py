@@ -35,6 +35,7 @@ COST_SMOOTHING = 0.2  # weight of the newest cost in the moving average
 class Ticket:
     key_id: int
     reserved_usd: float
+    ref: int = 0  # the supervisor's ticket number when the limiter is remote
 
 
 @dataclass(slots=True)

@@ -32,9 +32,9 @@ from edgeproxy.db import UsageRecord
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.limits import needs_limiter
 from edgeproxy.relay import AttemptFailed, ClientGone
-from edgeproxy.streams import StreamError
-from edgeproxy.retry import KEY_REFUSED, delay, should_retry
+from edgeproxy.retry import KEY_REFUSED, delay, overall_deadline_s, should_retry
 from edgeproxy.runtime import Runtime
+from edgeproxy.streams import StreamError
 from edgeproxy.upstreams import UpstreamState
 from edgeproxy.usage import Usage, cost_usd, estimate_tokens
 
@@ -121,7 +121,7 @@ async def request_filter(
     if not rt.upstreams.serves(model, _kinds(ctx)):
         raise errors.ModelNotFound(f"no upstream serves model '{model}'", param="model")
     if needs_limiter(ctx.key):
-        ctx.ticket = svc.limiter.admit(ctx.key, reserve_usd=_reservation(rt, model, body, len(raw)))
+        ctx.ticket = await svc.limits.admit(ctx.key, _reservation(rt, model, body, len(raw)))
     req = outbound.ClientRequest(
         dialect=ctx.dialect,
         path=ctx.endpoint[3:],  # "/v1/x" -> "/x": the upstream's base_url carries its version
@@ -174,39 +174,85 @@ async def proxy(
     headers: dict[str, str],
 ) -> web.StreamResponse:
     """The retry loop: one try per upstream pick until success, the commit point, or the
-    end of the retry budget (``retry.attempts`` tries in all)."""
+    end of what a request may spend on retries: ``retry.attempts`` tries in all, one
+    overall deadline (``retry.overall_deadline_s``), and the worker's retry budget."""
     policy = rt.config.retry
+    budget = rt.upstreams.budget
+    budget.request()
+    loop = asyncio.get_running_loop()
+    candidates = rt.upstreams.candidates(ctx.model)
+    deadline = loop.time() + overall_deadline_s(policy, (u.timeouts for u in candidates))
     failures: list[AttemptFailed] = []
     kinds = _kinds(ctx)
     while True:
         state = rt.upstreams.pick(ctx.model, ctx.tried, kinds)
         if state is None:
             break
+        trial = state.trial_pending  # picked while on trial: this request is the trial
         ctx.attempts += 1
         ctx.tried.add(state.name)
         ctx.upstream = state.name
-        last = ctx.attempts >= policy.attempts
+        # the last try delivers an empty completion rather than fail it (nothing to retry on)
+        last = ctx.attempts >= policy.attempts or not budget.can_retry()
         try:
-            response = await attempt(ctx, request, req, rt, svc, state, last, headers)
+            response = await attempt(ctx, request, req, rt, svc, state, last, headers, deadline)
         except AttemptFailed as failure:
             failures.append(failure)
             svc.metrics.attempt(state.name, str(failure.outcome))
-            if not should_retry(policy, failure.outcome, ctx.attempts):
+            _record_failed_try(state, failure, rt)
+            # a 429 that cooled its upstream sends the next try elsewhere: no need to wait
+            cooled = state.cooling_until > rt.upstreams.clock()
+            wait_s = 0.0 if cooled else delay(policy, ctx.attempts, svc.rng)
+            if (
+                not should_retry(policy, failure.outcome, ctx.attempts)
+                or loop.time() + wait_s >= deadline
+                or not budget.try_retry()
+            ):
                 break
-            await asyncio.sleep(delay(policy, ctx.attempts, svc.rng))
+            if wait_s:
+                await asyncio.sleep(wait_s)
             continue
+        except BaseException:
+            if trial:  # no verdict (the client left, or we are shutting down): free the slot
+                state.release_trial()
+            raise
         svc.metrics.attempt(state.name, "ok")
-        state.record_success()
+        _record_answer(ctx, state, rt)
         return response
     raise final_error(ctx, rt, failures)
 
 
-def final_error(ctx: RequestContext, rt: Runtime, failures: list[AttemptFailed]) -> errors.ProxyError:
-    """What the client sees when no try succeeded (SPEC §5, §6)."""
+def _record_failed_try(state: UpstreamState, failure: AttemptFailed, rt: Runtime) -> None:
+    """Health after a try that failed before the commit point. A refused key (already out
+    of the rotation) and a 429 (cooling or backoff) say nothing about the upstream's health."""
+    if failure.outcome in KEY_REFUSED or failure.outcome == 429:
+        state.release_trial()
+    else:
+        state.record_failure(rt.upstreams.clock(), rt.config.health)
+
+
+def _record_answer(ctx: RequestContext, state: UpstreamState, rt: Runtime) -> None:
+    """Health after a try that reached the client: a stream that the upstream broke after
+    the commit point (ended by ``relay.end_stream``, status 200) is a failure; anything
+    else, a passed-on 4xx included, is an upstream that works."""
+    if ctx.status == 200 and ctx.error_code and not ctx.client_gone:
+        state.record_failure(rt.upstreams.clock(), rt.config.health)
+    else:
+        state.record_success()
+
+
+def final_error(
+    ctx: RequestContext, rt: Runtime, failures: list[AttemptFailed]
+) -> errors.ProxyError:
+    """What the client sees when no try succeeded (SPEC §5, §6): 429 when every try was
+    rate limited or every upstream of the model is cooling, with Retry-After = whole
+    seconds until the first of them comes back; 503 when none was available at all;
+    504 when every try timed out; else the last error."""
     wait = rt.upstreams.cooling_wait(ctx.model)
-    if failures and all(f.outcome == 429 for f in failures) or (not failures and wait):
-        seconds = [f.error.retry_after for f in failures if f.error.retry_after] or [wait or 1]
-        return errors.UpstreamRateLimited(retry_after=max(1, math.ceil(min(s for s in seconds if s))))
+    if all(f.outcome == 429 for f in failures) and (failures or wait is not None):
+        if wait is None:  # rate limited without Retry-After: nothing better to say than 1 s
+            wait = min(f.error.retry_after or 1 for f in failures)
+        return errors.UpstreamRateLimited(retry_after=max(1, math.ceil(wait)))
     if not failures:
         return errors.NoAvailableUpstream(f"no healthy upstream for model '{ctx.model}'")
     if all(f.outcome == "timeout" for f in failures):
@@ -223,9 +269,13 @@ async def attempt(
     state: UpstreamState,
     last: bool,
     headers: dict[str, str],
+    deadline: float,
 ) -> web.StreamResponse:
     """One try at one upstream. Raises AttemptFailed before the commit point; after it,
-    ends the client's stream itself and returns the response."""
+    ends the client's stream itself and returns the response. Until the commit point the
+    try is bounded by its own ``connect`` / ``first_byte`` and by the request's overall
+    ``deadline`` (loop time), whichever comes first; after it ``relay`` moves the same
+    timer to ``idle`` after each content event."""
     upstream = state.config
     key = state.next_key()
     rule = rt.model_rule(ctx.model)
@@ -233,15 +283,18 @@ async def attempt(
     images = await _gemini_images(req, svc) if upstream.kind == "gemini" else None
     out = outbound.build(req, upstream, rt.headers[upstream.name][key], params, images)
     t = upstream.timeouts
-    timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect)
+    now = asyncio.get_running_loop().time()
+    connect_s = max(0.001, min(t.connect, deadline - now))
+    # total=None: aiohttp's 5-minute default would cut long streams
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
     try:
-        async with asyncio.timeout(t.first_byte) as deadline:
+        async with asyncio.timeout_at(min(now + t.first_byte, deadline)) as timer:
             async with svc.session.post(out.url, data=out.body, headers=out.headers, timeout=timeout) as resp:
                 if resp.status >= 300:
                     return await _upstream_error(ctx, resp, rt, state, key, headers)
                 if resp.content_type == "text/event-stream":
                     return await relay.relay_stream(
-                        ctx, request, resp, deadline,
+                        ctx, request, resp, timer,
                         upstream_kind=upstream.kind, translated=out.translated,
                         withhold_usage=ctx.stream and not ctx.client_wants_usage,
                         last=last, idle_s=t.idle, headers=headers,
@@ -251,27 +304,23 @@ async def attempt(
                         ctx, resp, upstream_kind=upstream.kind, translated=out.translated,
                         last=last, headers=headers,
                     )  # fmt: skip
-                return await relay.relay_bytes(ctx, request, resp, deadline, idle_s=t.idle, headers=headers)
-    except AttemptFailed as failure:
-        if failure.outcome not in KEY_REFUSED and failure.outcome != 429:
-            state.record_failure(rt.upstreams.clock(), rt.config.health)
-        raise
+                return await relay.relay_bytes(ctx, request, resp, timer, idle_s=t.idle, headers=headers)
     except TimeoutError:
-        return await _failed(ctx, rt, state, "timeout", errors.UpstreamTimeout("upstream timed out"))
+        return await _failed(ctx, "timeout", errors.UpstreamTimeout("upstream timed out"))
     except (aiohttp.ClientError, OSError) as exc:
         if isinstance(exc, aiohttp.ClientConnectionResetError) and ctx.client_gone:
             raise ClientGone from exc
         message = "could not reach the upstream" if not ctx.committed else "upstream connection failed"
-        return await _failed(ctx, rt, state, "connect_error", errors.UpstreamError(message))
+        return await _failed(ctx, "connect_error", errors.UpstreamError(message))
     except StreamError as exc:
-        return await _failed(ctx, rt, state, 502, errors.UpstreamError(_scrub(rt, str(exc))))
+        return await _failed(ctx, 502, errors.UpstreamError(_scrub(rt, str(exc))))
 
 
 async def _failed(
-    ctx: RequestContext, rt: Runtime, state: UpstreamState, outcome: int | str, error: errors.ProxyError
+    ctx: RequestContext, outcome: int | str, error: errors.ProxyError
 ) -> web.StreamResponse:
-    """A transport failure: retryable before the commit point, an error event after it."""
-    state.record_failure(rt.upstreams.clock(), rt.config.health)
+    """A transport failure: retryable before the commit point, an error event after it.
+    The retry loop records the upstream's health either way."""
     if ctx.response is None:
         raise AttemptFailed(outcome, error)
     await relay.end_stream(ctx, error)
@@ -404,7 +453,7 @@ def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> 
     rule = rt.model_rule(ctx.model) if ctx.model else None
     cost = cost_usd(rule.price if rule else None, usage)
     if ctx.ticket is not None:  # first: a slot must never leak, whatever fails below
-        svc.limiter.settle(ctx.ticket, usage.prompt + usage.completion, cost)
+        svc.limits.settle(ctx.ticket, usage.prompt + usage.completion, cost)
     latency = now - ctx.started
     label = rt.model_label(ctx.model) if ctx.model else "other"
     svc.metrics.observe(
