@@ -5,8 +5,10 @@ there and not before, relay the rest, and collect usage on the way. Before the c
 point a problem is raised as ``AttemptFailed`` so the proxy can try again; after it, the
 stream is ended with an SSE error event and nothing is retried.
 
-Runs inside the attempt's ``asyncio.timeout``: ``first_byte`` until the commit point, then
-rescheduled to ``idle`` after each content event (keep-alive comments do not count).
+Runs inside the attempt's ``asyncio.timeout``: ``first_byte`` (or the request's overall
+deadline) until the commit point, then rescheduled to ``idle`` after each content event.
+Keep-alive comments (``: ping``) and Anthropic ``ping`` events are not content: an upstream
+that only pings is idle.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx in front must not buffer the stream
 }
 # Reschedule the idle deadline at most this often: a timer per chunk costs more than the
-# second of precision it buys.
+# second of precision it buys. With short idle timeouts the step shrinks to a tenth of it.
 _BUMP_EVERY_S = 1.0
+_PING_EVENT = b"event: ping"
 
 
 class AttemptFailed(Exception):
@@ -88,9 +91,9 @@ async def relay_json(
             raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent no body"))
         return _respond(ctx, raw, resp.content_type, headers)  # e.g. a JSON array: relay it
     body, usage = _json_to_client(ctx, parsed, upstream_kind, translated)
-    if chat and empty_chat(body if ctx.dialect == "openai" else _anthropic_as_openai(body)):
-        if not last:
-            raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent an empty completion"))
+    as_openai = body if ctx.dialect == "openai" else _anthropic_as_openai(body)
+    if chat and not last and empty_chat(as_openai):
+        raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent an empty completion"))
     ctx.usage = usage
     out = orjson.dumps(body) if translated else raw
     return _respond(ctx, out, "application/json", headers)
@@ -161,6 +164,9 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     held: list[bytes] = []
     bumped = 0.0
+    # The deadline is moved at most every `step` seconds, so it is set `step` beyond idle:
+    # a silence shorter than idle never cuts a stream; one up to idle + step may be allowed.
+    step = min(_BUMP_EVERY_S, idle_s / 10)
     try:
         async for chunk in resp.content.iter_any():
             out = flt.feed(chunk)
@@ -173,12 +179,12 @@ async def relay_stream(
                     await _commit_stream(ctx, request, headers, b"".join(held))
                     held.clear()
                     bumped = loop.time()
-                    deadline.reschedule(bumped + idle_s)
+                    deadline.reschedule(bumped + idle_s + step)
             elif out:
                 await write(ctx, out)
-                if b"data:" in out and (now := loop.time()) - bumped > _BUMP_EVERY_S:
+                if (now := loop.time()) - bumped > step and _has_content(out):
                     bumped = now
-                    deadline.reschedule(now + idle_s)
+                    deadline.reschedule(now + idle_s + step)
             if flt.done:
                 break
         tail = flt.finish()
@@ -195,6 +201,12 @@ async def relay_stream(
     if not flt.done:
         await end_stream(ctx, errors.UpstreamError("upstream closed the stream before its end"))
     return ctx.response
+
+
+def _has_content(out: bytes) -> bool:
+    """Whether relayed SSE bytes hold an event other than a keep-alive: a ``: ping``
+    comment has no ``data:`` line, an Anthropic ping is ``event: ping`` with one."""
+    return out.count(b"data:") > out.count(_PING_EVENT)
 
 
 async def _commit_stream(
