@@ -169,9 +169,13 @@ def _database(path: str) -> str:
 
 def cmd_serve(args: argparse.Namespace, path: str) -> int:
     config = load_config(path)
-    from edgeproxy.server import run  # late: aiohttp and friends only when serving
+    from edgeproxy.supervisor import run  # late: aiohttp and friends only when serving
 
-    return run(config, path)
+    try:
+        return run(config, path)
+    except OSError as exc:  # e.g. the port is taken: one line, no traceback
+        print(f"edgeproxy: cannot serve: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_check(args: argparse.Namespace, path: str) -> int:

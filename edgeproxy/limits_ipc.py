@@ -119,7 +119,9 @@ class RemoteLimits:
                 reply = await future
         except (OSError, TimeoutError):
             # fail closed: a limited key must not run unlimited because the supervisor is away
-            raise errors.ServerOverloaded("limits are unavailable; retry shortly", retry_after=1) from None
+            raise errors.ServerOverloaded(
+                "limits are unavailable; retry shortly", retry_after=1
+            ) from None
         finally:
             self._waiting.pop(request_id, None)
         if "t" in reply:
@@ -131,7 +133,10 @@ class RemoteLimits:
         writer = self._writer
         if writer is None or writer.is_closing():
             return  # the server released this worker's tickets when the connection dropped
-        writer.write(orjson.dumps({"op": "settle", "t": ticket.ref, "tokens": tokens, "cost": cost_usd}) + b"\n")
+        writer.write(
+            orjson.dumps({"op": "settle", "t": ticket.ref, "tokens": tokens, "cost": cost_usd})
+            + b"\n"
+        )
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -169,9 +174,15 @@ class LimiterServer:
                 elif message.get("op") == "settle":
                     ticket = held.pop(message.get("t"), None)
                     if ticket is not None:
-                        self.limiter.settle(ticket, int(message.get("tokens") or 0), float(message.get("cost") or 0))
+                        self.limiter.settle(
+                            ticket, int(message.get("tokens") or 0), float(message.get("cost") or 0)
+                        )
         except (ConnectionError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
-            log.warning(orjson.dumps({"event": "limiter_connection_error", "error": type(exc).__name__}).decode())
+            log.warning(
+                orjson.dumps(
+                    {"event": "limiter_connection_error", "error": type(exc).__name__}
+                ).decode()
+            )
         finally:
             for ticket in held.values():  # the worker is gone: free its slots and reservations
                 self.limiter.settle(ticket, 0, 0.0)

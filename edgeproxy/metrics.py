@@ -10,42 +10,91 @@ URL or client-supplied string ever becomes a label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 # LLM latencies span milliseconds (cached, embeddings) to minutes (long reasoning streams).
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "mark_process_dead", "render_multiprocess"]
+
+# With several workers, prometheus-client's multiprocess mode keeps every value in an
+# mmap'd file under PROMETHEUS_MULTIPROC_DIR (set by the supervisor before any worker
+# imports this module) and the supervisor sums them on scrape. We chose it over our own
+# aggregation: it is the library's documented way, and counters survive a worker restart.
+
+
+def render_multiprocess(path: str) -> bytes:
+    """The supervisor's /metrics: every worker's values, aggregated."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)
 
 
 class Metrics:
     def __init__(self, *, per_key: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.per_key = per_key
         r = self.registry
         self.requests = Counter(
-            "edgeproxy_requests", "Model requests by outcome", ["model", "upstream", "code"], registry=r
+            "edgeproxy_requests",
+            "Model requests by outcome",
+            ["model", "upstream", "code"],
+            registry=r,
         )
         self.duration = Histogram(
-            "edgeproxy_request_duration_seconds", "Whole request time", ["model"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "edgeproxy_request_duration_seconds",
+            "Whole request time",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttfb = Histogram(
-            "edgeproxy_time_to_first_byte_seconds", "Time to the first response byte",
-            ["model", "upstream"], buckets=TTFB_BUCKETS, registry=r,
+            "edgeproxy_time_to_first_byte_seconds",
+            "Time to the first response byte",
+            ["model", "upstream"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
         )
         self.attempts = Counter(
-            "edgeproxy_upstream_attempts", "Upstream tries by outcome", ["upstream", "outcome"],
+            "edgeproxy_upstream_attempts",
+            "Upstream tries by outcome",
+            ["upstream", "outcome"],
             registry=r,
         )
         self.tokens = Counter("edgeproxy_tokens", "Tokens metered", ["model", "kind"], registry=r)
         self.cost = Counter("edgeproxy_cost_usd", "USD metered", ["model"], registry=r)
-        self.inflight = Gauge("edgeproxy_inflight_requests", "Model requests in flight", registry=r)
+        self.inflight = Gauge(
+            "edgeproxy_inflight_requests", "Model requests in flight", registry=r,
+            multiprocess_mode="livesum",  # the node's total over live workers
+        )  # fmt: skip
         self.healthy = Gauge(
-            "edgeproxy_upstream_healthy", "1 when the upstream is not ejected", ["upstream"], registry=r
-        )
+            "edgeproxy_upstream_healthy", "1 when the upstream is not ejected", ["upstream"],
+            registry=r, multiprocess_mode="livemin",  # 0 as soon as one worker ejected it
+        )  # fmt: skip
         self.key_requests = self.key_cost = None
         if per_key:
             self.key_requests = Counter(

@@ -27,6 +27,7 @@ from edgeproxy import __version__, admin, endpoints, errors, proxy
 from edgeproxy.config import Config, ConfigError, load_config
 from edgeproxy.context import Services
 from edgeproxy.db import KeyCache, Ledger
+from edgeproxy.limits_ipc import RemoteLimits
 from edgeproxy.metrics import CONTENT_TYPE, Metrics
 from edgeproxy.runtime import Runtime, RuntimeRef
 
@@ -54,6 +55,7 @@ GET_ENDPOINTS: dict[str, Handler] = {
     "/readyz": endpoints.readyz,
 }
 RESTART_ONLY = ("listen", "metrics_listen", "workers", "database")
+HEALTH_PUBLISH_S = 2.0
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -123,6 +125,7 @@ async def open_services(config: Config) -> Services:
 
 
 async def close_services(svc: Services) -> None:
+    await svc.limits.close()
     await svc.session.close()
     await svc.ledger.close()
     await svc.keys.close()
@@ -145,11 +148,22 @@ def reload(svc: Services, path: str) -> None:
     log.info(_line("reloaded", upstreams=[u.name for u in config.upstreams]))
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
+def _set_health(svc: Services) -> None:
     rt = svc.ref.current
     now = rt.upstreams.clock()
     svc.metrics.set_health({s.name: s.healthy(now) for s in rt.upstreams.states})
+
+
+async def _publish_health(svc: Services) -> None:
+    """Under a supervisor nobody scrapes this worker: refresh its health gauge instead."""
+    while True:
+        _set_health(svc)
+        await asyncio.sleep(HEALTH_PUBLISH_S)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    _set_health(svc)
     return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -160,14 +174,27 @@ def _line(event: str, **fields: object) -> str:
 class Worker:
     """The public site, the metrics site, and the shutdown sequence."""
 
-    def __init__(self, config: Config, path: str, *, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        path: str,
+        *,
+        sock: socket.socket | None = None,
+        limits_path: str | None = None,
+    ) -> None:
         self.config = config
         self.path = path
-        self.sock = sock  # a listening socket handed over by the supervisor (or tests)
+        self.sock = sock  # a listening socket handed over by tests
+        # Under a supervisor: its limiter is the node's, and it serves /metrics itself.
+        self.limits_path = limits_path
         self.stopping = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.svc = await open_services(self.config)
+        if self.limits_path is not None:
+            self.svc.limits = RemoteLimits(self.limits_path)
+            self._health_task = asyncio.create_task(_publish_health(self.svc))
         t = self.config.timeouts
         self.runner = web.AppRunner(
             build_app(self.svc),
@@ -187,14 +214,14 @@ class Worker:
         await site.start()
         self.site = site
         self.metrics_runner = None
-        if self.config.metrics_listen is not None:
+        if self.config.metrics_listen is not None and self.limits_path is None:
             app = web.Application()
             app[SERVICES] = self.svc
             app.router.add_get("/metrics", metrics_handler)
             self.metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await self.metrics_runner.setup()
             host, port = self.config.metrics_listen
-            await web.TCPSite(self.metrics_runner, host, port, reuse_port=True).start()
+            await web.TCPSite(self.metrics_runner, host, port).start()
         for warning in self.config.warnings:
             log.warning(_line("config_warning", warning=warning))
         demo = [u.name for u in self.config.upstreams if u.name == "demo"]
@@ -224,14 +251,16 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
         await self.runner.cleanup()
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         await close_services(svc)
         log.info(_line("stopped"))
 
 
-async def serve(config: Config, path: str) -> int:
-    worker = Worker(config, path)
+async def serve(config: Config, path: str, limits_path: str | None = None) -> int:
+    worker = Worker(config, path, limits_path=limits_path)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -265,7 +294,8 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps({"level": record.levelname.lower(), "message": message}).decode()
 
 
-def run(config: Config, path: str) -> int:
+def run(config: Config, path: str, limits_path: str | None = None) -> int:
+    """Run one worker in the foreground until SIGTERM/SIGINT; the exit code."""
     setup_logging()
     try:
         import uvloop
@@ -274,6 +304,6 @@ def run(config: Config, path: str) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(config, path))
+        return runner.run(serve(config, path, limits_path))
 
 
