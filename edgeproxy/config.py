@@ -253,6 +253,8 @@ def _parse(text: str) -> dict[Any, Any]:
         raise _Invalid("", f"YAML syntax error{where}: {problem}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer
         raise _Invalid("", f"YAML syntax error: {_one_line(str(exc))}") from None
+    except (AttributeError, KeyError, TypeError):  # PyYAML: `!!timestamp x`, `!!bool x`
+        raise _Invalid("", "YAML syntax error: a value does not fit its explicit !!tag") from None
     if tree is None:
         raise _Invalid("", "file is empty; see the shipped relay.yaml for every key")
     if not isinstance(tree, dict):

@@ -522,6 +522,13 @@ def test_not_utf8(write: Write) -> None:
         load_config("relay.yaml", {})
 
 
+@pytest.mark.parametrize("value", ["!!timestamp x", "!!timestamp", "!!bool maybe"])
+def test_explicit_yaml_tag_with_a_bad_value_is_one_line(write: Write, value: str) -> None:
+    """PyYAML's own constructors raise AttributeError / KeyError here (found by the fuzz test)."""
+    err = error(write, f"shutdown_grace: {value}\n" + ONE_UPSTREAM)
+    assert str(err) == "relay.yaml: YAML syntax error: a value does not fit its explicit !!tag"
+
+
 # --- the models catalogue ------------------------------------------------------------------------
 
 
