@@ -156,7 +156,9 @@ class Translated:
     """Upstream events of ``upstream_kind`` -> OpenAI chunks -> the client's dialect."""
 
     __slots__ = (
+        "_ended",
         "_from_openai",
+        "_pending",
         "_scanner",
         "_to_openai",
         "client",
@@ -190,21 +192,42 @@ class Translated:
         self.error: str | None = None
         self.usage: Usage | None = None
         self.events = 0
+        self._ended = False  # the upstream said its answer is complete (a finish reason)
+        self._pending: StreamError | None = None  # an error that came after content
 
     def feed(self, chunk: bytes) -> bytes:
+        """Translated bytes; raises ``StreamError`` for an upstream error event.
+
+        An error event that follows content in the same read does not raise here: the
+        content is returned (it is the commit point, SPEC §3) and ``done`` is set, so the
+        error is raised by ``finish()`` and ends the stream after that content.
+        """
+        if self._pending is not None:
+            return b""
         out: list[bytes] = []
         for event in self._scanner.feed(chunk):
-            self._event(event, out)
+            if not self._guarded(event, out):
+                break
         return b"".join(out)
 
     def finish(self) -> bytes:
+        """At upstream EOF: the end of the client's stream, if the upstream's had one.
+
+        ``done`` stays False when the upstream stopped before its finish reason (a cut
+        stream must not look complete): the proxy then ends the stream with an error event.
+        """
         out: list[bytes] = []
         tail = self._scanner.flush()
-        if tail.strip():
-            self._event(tail, out)
+        if self._pending is None and tail.strip():
+            self._guarded(tail, out)
+        if self._pending is not None:
+            raise self._pending
         if self._to_openai is not None and hasattr(self._to_openai, "finish"):
             self._emit(self._to_openai.finish(), out)
         self._take_usage()
+        if not self._ended:
+            self.done = False
+            return b"".join(out)
         if self._from_openai is not None:
             out.extend(_anthropic_event(n, d) for n, d in self._from_openai.finish())
         else:
@@ -212,12 +235,24 @@ class Translated:
         self.done = True
         return b"".join(out)
 
+    def _guarded(self, event: bytes, out: list[bytes]) -> bool:
+        """Translate one event into ``out``; False once an error waits for ``finish()``."""
+        try:
+            self._event(event, out)
+        except StreamError as exc:
+            if not (self.content_seen and out):
+                raise  # nothing of this read would reach the client: fail it now
+            self._pending = exc
+            self.done = True
+            return False
+        return True
+
     def _event(self, event: bytes, out: list[bytes]) -> None:
         name, payload = sse.fields(event)
         if not payload:
             return
         if payload == b"[DONE]":
-            self.done = True
+            self.done = self._ended = True
             return
         try:
             obj = orjson.loads(payload)
@@ -248,6 +283,8 @@ class Translated:
         for chunk in chunks:
             if not self.content_seen and carries_content(chunk):
                 self.content_seen = True
+            if not self._ended and _finished(chunk):
+                self._ended = True
             if self._from_openai is None:
                 out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
             else:
@@ -258,6 +295,10 @@ class Translated:
             self.usage = self._to_openai.usage
 
 
+def _finished(chunk: dict[str, Any]) -> bool:
+    return any(isinstance(c, dict) and c.get("finish_reason") for c in chunk.get("choices") or ())
+
+
 def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
     return sse.encode(orjson.dumps(data), name)
 
@@ -266,4 +307,3 @@ def _error_message(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("type") or "upstream stream error")[:500]
     return str(error or "upstream stream error")[:500]
-
