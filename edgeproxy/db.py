@@ -314,6 +314,9 @@ async def open_async(db_path: str) -> aiosqlite.Connection:
     return conn
 
 
+MISS_REFRESH_S = 0.05  # how often an unknown key may trigger a freshness check
+
+
 class KeyCache:
     """Every key in memory, by secret hash; a CLI change shows up within ``poll_s``.
 
@@ -331,6 +334,8 @@ class KeyCache:
         self._failing = False
         self._task: asyncio.Task[None] | None = None
         self.generation = 0  # bumped on every reload
+        self._miss_lock = asyncio.Lock()
+        self._miss_checked = 0.0
 
     @classmethod
     async def open(cls, db_path: str, *, poll_s: float = 0.5) -> KeyCache:
@@ -344,6 +349,24 @@ class KeyCache:
         return cache
 
     def get(self, secret_hash: str) -> KeyRecord | None:
+        return self._by_hash.get(secret_hash)
+
+    async def get_fresh(self, secret_hash: str) -> KeyRecord | None:
+        """A miss may be a key created a moment ago (``KEY=$(edgeproxy keys create x)``
+        then a request at once): check for changes now instead of at the next poll.
+        Single-flight and at most every ``MISS_REFRESH_S``, so a flood of unknown keys
+        costs at most a few cheap ``data_version`` reads a second."""
+        record = self._by_hash.get(secret_hash)
+        if record is not None:
+            return record
+        loop = asyncio.get_running_loop()
+        async with self._miss_lock:
+            if loop.time() - self._miss_checked >= MISS_REFRESH_S:
+                with contextlib.suppress(sqlite3.Error, ValueError):  # the poll reports errors
+                    if await self._changed():
+                        await self.reload()
+                    else:  # only fruitless checks are throttled: those are what a flood causes
+                        self._miss_checked = loop.time()
         return self._by_hash.get(secret_hash)
 
     def by_name(self, name: str) -> KeyRecord | None:

@@ -21,8 +21,8 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
 
 
-def list_models(request: web.Request, svc: Services) -> web.Response:
-    key = keys.authenticate(request.headers, svc.keys)
+async def list_models(request: web.Request, svc: Services) -> web.Response:
+    key = await keys.authenticate(request.headers, svc.keys)
     keys.check_state(key)
     rt = svc.ref.current
     created = int(rt.loaded_at)
@@ -34,8 +34,8 @@ def list_models(request: web.Request, svc: Services) -> web.Response:
     return _json({"object": "list", "data": data})
 
 
-def billing_subscription(request: web.Request, svc: Services) -> web.Response:
-    key = keys.authenticate(request.headers, svc.keys)
+async def billing_subscription(request: web.Request, svc: Services) -> web.Response:
+    key = await keys.authenticate(request.headers, svc.keys)
     budget = key.budget_usd if key.budget_usd is not None else UNLIMITED_USD
     expires = 0
     if key.expires is not None:
@@ -52,8 +52,8 @@ def billing_subscription(request: web.Request, svc: Services) -> web.Response:
     )
 
 
-def billing_usage(request: web.Request, svc: Services) -> web.Response:
-    key = keys.authenticate(request.headers, svc.keys)
+async def billing_usage(request: web.Request, svc: Services) -> web.Response:
+    key = await keys.authenticate(request.headers, svc.keys)
     return _json({"object": "list", "total_usage": round(key.spent_usd * 100, 6)})
 
 

@@ -26,7 +26,7 @@ def client_secret(headers: dict[str, str] | object) -> str | None:
     return headers.get("x-api-key")  # type: ignore[attr-defined]
 
 
-def authenticate(headers: object, cache: KeyCache) -> KeyRecord:
+async def authenticate(headers: object, cache: KeyCache) -> KeyRecord:
     secret = client_secret(headers)
     if not secret or not looks_like_secret(secret):
         raise errors.InvalidApiKey(
@@ -34,7 +34,8 @@ def authenticate(headers: object, cache: KeyCache) -> KeyRecord:
             if not secret
             else "invalid API key"
         )
-    record = cache.get(hashlib.sha256(secret.encode()).hexdigest())
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    record = cache.get(digest) or await cache.get_fresh(digest)
     if record is None:
         raise errors.InvalidApiKey("invalid API key")
     return record

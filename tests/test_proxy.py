@@ -366,3 +366,12 @@ async def test_unknown_paths_and_wrong_methods(relay: Relay, http):
     async with http.post(relay.url + "/v1/unknown", json={}) as r:
         assert r.status == 404
         assert (await r.json())["error"]["code"] == "unknown_endpoint"
+
+
+async def test_a_key_works_the_moment_it_is_created(relay: Relay, http):
+    """The README's flow: KEY=$(edgeproxy keys create x), then a request at once."""
+    for i in range(3):
+        secret = relay.new_key(f"instant-{i}")
+        async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
+                             headers={"Authorization": f"Bearer {secret}"}) as r:  # fmt: skip
+            assert r.status == 200
