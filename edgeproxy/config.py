@@ -132,6 +132,9 @@ class Config:
     max_connections: int = 4096
     max_inflight: int = 1024
     shutdown_grace: float = 30.0
+    # Usage rows older than this are deleted (seconds; 0 = keep forever). 400 days: 13
+    # months, so a month can still be compared with the same month a year before.
+    usage_retention: float = 400 * 86400.0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: Retry = field(default_factory=Retry)
@@ -319,6 +322,7 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True}
 _BOOLS |= {"false": False, "no": False, "off": False, "0": False}
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DAYS = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*d", re.IGNORECASE)
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9}
 _SIZE_UNITS["gib"] = 2**30
@@ -382,6 +386,22 @@ def _duration(value: Any, path: str, positive: bool = True) -> float:
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         what = "positive" if positive else "non-negative"
         raise _Invalid(path, f"must be a {what} duration, got {_got(value, path)}")
+    return seconds
+
+
+def _retention(value: Any, path: str) -> float:
+    """A duration that also takes days (``400d``), or 0 to keep usage forever.
+
+    Anything from 0 to a day is refused: ``13m`` is 13 minutes, not months, and would
+    delete the billing history within the hour."""
+    match = _DAYS.fullmatch(value.strip()) if isinstance(value, str) else None
+    try:
+        seconds = float(match[1]) * 86400.0 if match else _duration(value, path, positive=False)
+    except _Invalid:
+        seconds = -1.0
+    if not (seconds == 0 or (math.isfinite(seconds) and seconds >= 86400.0)):
+        got = _got(value, path)
+        raise _Invalid(path, f"must be 0 (keep forever) or at least 1d, e.g. 400d, got {got}")
     return seconds
 
 
@@ -665,6 +685,7 @@ _TOP: dict[str, Converter] = {
     "max_connections": _int,
     "max_inflight": _int,
     "shutdown_grace": _NON_NEGATIVE_DURATION,
+    "usage_retention": _retention,
     "metrics": lambda value, path: MetricsConfig(**_section(value, path, {"per_key": _bool})),
     "timeouts": lambda value, path: Timeouts(**_section(value, path, _TIMEOUTS)),
     "retry": _retry,

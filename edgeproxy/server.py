@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -26,7 +27,7 @@ from aiohttp import web
 from edgeproxy import __version__, admin, endpoints, errors, proxy
 from edgeproxy.config import Config, ConfigError, load_config
 from edgeproxy.context import Services
-from edgeproxy.db import KeyCache, Ledger
+from edgeproxy.db import KeyCache, Ledger, prune_usage
 from edgeproxy.limits_ipc import RemoteLimits
 from edgeproxy.metrics import CONTENT_TYPE, Metrics
 from edgeproxy.runtime import Runtime, RuntimeRef
@@ -55,6 +56,11 @@ GET_ENDPOINTS: dict[str, Handler] = {
     "/readyz": endpoints.readyz,
 }
 RESTART_ONLY = ("listen", "metrics_listen", "workers", "database")
+# Retention: the first pass waits a minute, so a relay that restarts in a loop does not
+# delete in a loop too and a start is not slowed by a big first delete; rows expire after
+# days, so a pass every 6 hours keeps the table within a quarter-day of usage_retention.
+PRUNE_AFTER_S = 60.0
+PRUNE_EVERY_S = 6 * 3600.0
 HEALTH_PUBLISH_S = 2.0
 
 
@@ -167,12 +173,33 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+async def prune_forever(svc: Services, db_path: str, *, after_s: float, every_s: float) -> None:
+    """Delete usage rows older than ``usage_retention`` after ``after_s``, then every
+    ``every_s``; retention is read each round, so SIGHUP can change it (0 = keep forever).
+    SQLite work runs in a thread; errors are logged, never raised: billing goes on."""
+    await asyncio.sleep(after_s)
+    while True:
+        retention_s = svc.ref.current.config.usage_retention
+        if retention_s > 0:
+            try:
+                deleted = await asyncio.to_thread(prune_usage, db_path, time.time() - retention_s)
+            except Exception as err:
+                log.error(_line("usage_prune_failed", error=str(err) or type(err).__name__))
+            else:
+                if deleted:
+                    log.info(_line("usage_pruned", rows=deleted, retention_s=retention_s))
+        await asyncio.sleep(every_s)
+
+
 def _line(event: str, **fields: object) -> str:
     return orjson.dumps({"event": event, **fields}).decode()
 
 
 class Worker:
     """The public site, the metrics site, and the shutdown sequence."""
+
+    prune_after_s = PRUNE_AFTER_S  # tests set these on the instance before start()
+    prune_every_s = PRUNE_EVERY_S
 
     def __init__(
         self,
@@ -222,6 +249,10 @@ class Worker:
             await self.metrics_runner.setup()
             host, port = self.config.metrics_listen
             await web.TCPSite(self.metrics_runner, host, port).start()
+        self.pruner = asyncio.create_task(
+            prune_forever(self.svc, self.config.database, after_s=self.prune_after_s,
+                          every_s=self.prune_every_s), name="edgeproxy-prune",
+        )  # fmt: skip
         for warning in self.config.warnings:
             log.warning(_line("config_warning", warning=warning))
         demo = [u.name for u in self.config.upstreams if u.name == "demo"]
@@ -255,6 +286,8 @@ class Worker:
             self._health_task.cancel()
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
+        self.pruner.cancel()
+        await asyncio.wait([self.pruner])
         await close_services(svc)
         log.info(_line("stopped"))
 

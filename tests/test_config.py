@@ -89,6 +89,7 @@ def test_shipped_relay_yaml_runs_out_of_the_box() -> None:
     assert config.database == str(SHIPPED.parent / "edgeproxy.db")
     assert config.admin_token == ""
     assert config.max_request_body == 32 * 1024 * 1024
+    assert config.usage_retention == 400 * 86400
     assert config.model_rule("demo-chat").price.input > 0
 
 
@@ -131,7 +132,8 @@ def test_shipped_relay_yaml_documents_every_key() -> None:
     text = SHIPPED.read_text()
     for key in (
         *("listen", "metrics_listen", "workers", "database", "admin_token", "max_request_body"),
-        *("max_connections", "max_inflight", "shutdown_grace", "per_key", "connect"),
+        *("max_connections", "max_inflight", "shutdown_grace", "usage_retention", "per_key"),
+        "connect",
         *("first_byte", "idle", "client_read", "client_keepalive", "attempts", "backoff"),
         *("max_backoff", "on", "eject_after", "eject_for", "name", "kind", "base_url"),
         *("api_keys", "models", "model_map", "weight", "priority", "headers", "stream_usage"),
@@ -281,10 +283,30 @@ def test_defaults_when_keys_are_missing(write: Write) -> None:
     assert (config.workers, config.max_connections, config.max_inflight) == (1, 4096, 1024)
     assert config.timeouts == Timeouts()
     assert config.retry.attempts == 3 and config.health.eject_after == 5
+    assert config.usage_retention == 400 * 86400  # 13 months: compare with a year before
     up = config.upstreams[0]
     assert (up.weight, up.priority, up.stream_usage, up.enabled) == (1, 0, "inject", True)
     assert up.base_url == "http://127.0.0.1:9/v1"  # trailing slash stripped
     assert config.path == os.path.abspath("relay.yaml")
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [
+        ("400d", 400 * 86400.0),
+        ("2 D", 2 * 86400.0),
+        ("1.5d", 1.5 * 86400.0),
+        ("9600h", 400 * 86400.0),
+        ("1440m", 86400.0),
+        (86400, 86400.0),
+        (0, 0.0),  # keep forever
+        ('"0"', 0.0),
+        ('"${RETENTION:-30d}"', 30 * 86400.0),
+    ],
+)
+def test_usage_retention(write: Write, given: Any, seconds: float) -> None:
+    config = load(write, f"usage_retention: {given}\n" + ONE_UPSTREAM)
+    assert config.usage_retention == pytest.approx(seconds)
 
 
 def test_workers_auto(write: Write) -> None:
@@ -650,6 +672,14 @@ BROKEN: list[tuple[str, str, str]] = [
         "shutdown_grace",
         "duration must look like 200ms, 30s, 5m or 1h, got '5 minutes'",
     ),
+    (  # minutes, not months: refused rather than keeping 13 minutes of history
+        broken({"usage_retention": "13m"}),
+        "usage_retention",
+        "must be 0 (keep forever) or at least 1d, e.g. 400d, got '13m'",
+    ),
+    (broken({"usage_retention": -1}), "usage_retention", "at least 1d, e.g. 400d, got -1"),
+    (broken({"usage_retention": "a year"}), "usage_retention", "got 'a year'"),
+    (broken({"usage_retention": True}), "usage_retention", "got true"),
     (broken({"metrics": {"per_key": "maybe"}}), "metrics.per_key", "must be true or false"),
     (broken({"metrics": [1]}), "metrics", "must be a mapping, got a list"),
     (broken({"timeouts": {"idle": 0}}), "timeouts.idle", "must be a positive duration, got 0"),
