@@ -101,7 +101,7 @@ async def request_filter(
     """Admission and the client's body. Raising refuses the request before any upstream."""
     if svc.inflight > rt.config.max_inflight:
         raise errors.ServerOverloaded(f"more than {rt.config.max_inflight} requests in flight")
-    ctx.key = keys.authenticate(request.headers, svc.keys)
+    ctx.key = await keys.authenticate(request.headers, svc.keys)
     keys.check_state(ctx.key)
     raw = await read_body(request, rt)
     ctx.prompt_bytes = len(raw)
