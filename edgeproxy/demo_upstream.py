@@ -74,17 +74,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}  # fmt: skip
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
 
-    await send({"role": "assistant", "content": ""})
-    if tool_calls:
-        await send({"tool_calls": [{"index": 0, **tool_calls[0]}]})
-    for word in text.split(" "):
-        await send({"content": word + " "})
-        await asyncio.sleep(0.01)
-    await send({}, finish)
-    if include_usage:
-        chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
+    try:
+        await send({"role": "assistant", "content": ""})
+        if tool_calls:
+            await send({"tool_calls": [{"index": 0, **tool_calls[0]}]})
+        for word in text.split(" "):
+            await send({"content": word + " "})
+            await asyncio.sleep(0.01)
+        await send({}, finish)
+        if include_usage:
+            chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+    except ConnectionError:
+        pass  # the client (the relay) went away: nothing to finish
     return response
 
 
@@ -122,7 +125,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8079)
     args = parser.parse_args()
     print(f"edgeproxy demo upstream (offline mock) on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ def _respond(ctx: RequestContext, body: bytes, content_type: str, headers: dict[
     response = web.Response(body=body, headers={**headers, "Content-Type": content_type})
     ctx.response = response
     ctx.status = 200
+    ctx.ttfb = asyncio.get_running_loop().time() - ctx.started  # the whole body is the first byte
     return response
 
 
