@@ -261,13 +261,17 @@ async def write(ctx: RequestContext, data: bytes) -> None:
 
 
 async def end_stream(ctx: RequestContext, error: errors.ProxyError) -> None:
-    """After the commit point: an SSE error event in the client's dialect, no [DONE]."""
+    """After the commit point: an SSE error event in the client's dialect, no [DONE], and
+    the end of the response, so the client reads a complete body that ends in the error
+    (also when the handler is being cancelled at shutdown and aiohttp would not end it)."""
     ctx.error_code = error.code
     body = error.to_anthropic_json() if ctx.dialect == "anthropic" else error.to_json()
     event = (b"event: error\ndata: " if ctx.dialect == "anthropic" else b"data: ") + body + b"\n\n"
+    assert ctx.response is not None
     try:
         # bounded: a client that stopped reading must not hold us here
         async with asyncio.timeout(1.0):
             await write(ctx, event)
-    except (TimeoutError, ClientGone):
+            await ctx.response.write_eof()
+    except (TimeoutError, ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
         ctx.client_gone = True
