@@ -21,6 +21,8 @@ import openai
 import orjson
 import pytest
 
+from edgeproxy.config import Price
+from edgeproxy.usage import Usage, cost_usd
 from tests.conftest import UPSTREAM_KEY, Relay, relay_dict, write_config
 from tests.fakes import (
     FakeUpstream,
@@ -1326,3 +1328,246 @@ def text_of_events(events: list[tuple[str, dict[str, Any]]]) -> str:
     return "".join(
         (d["choices"][0]["delta"].get("content") or "") for _, d in events if d.get("choices")
     )
+
+
+# === 4. Metering, per direction ================================================================
+
+# Prices from tests.conftest.relay_dict, USD per 1M tokens.
+# claude-*: input 3, output 15, cached_input 0.3, cache_write 3.75. The fake's Anthropic usage:
+# input 20, cache read 4, cache creation 2, output 5 -> prompt 26, cached 4, completion 5.
+CLAUDE_COST = (20 * 3 + 4 * 0.3 + 2 * 3.75 + 5 * 15) / 1e6
+# gemini-*: input 1, output 2. The fake's usageMetadata: prompt 9, candidates 4, thoughts 2
+# -> completion 6 (thoughts are completion tokens).
+GEMINI_COST = (9 * 1 + (4 + 2) * 2) / 1e6
+# gpt-4o-mini: input 0.15, output 0.60, cached_input 0.075; usage 11 prompt of which 4 cached, 7 out.
+GPT_USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+             "prompt_tokens_details": {"cached_tokens": 4}}  # fmt: skip
+GPT_COST = ((11 - 4) * 0.15 + 4 * 0.075 + 7 * 0.60) / 1e6
+
+PRICES = {
+    "claude": Price(input=3, output=15, cached_input=0.3, cache_write=3.75),
+    "gemini": Price(input=1, output=2),
+    "gpt": Price(input=0.15, output=0.60, cached_input=0.075),
+}
+
+
+async def _request(client: str, kind: str, stream: bool, oai, claude, fake: FakeUpstream) -> None:
+    model = MODEL_OF[kind]
+    if kind == "openai":
+        if stream:
+            fake.push(Sse([openai_chunk({"role": "assistant", "content": ""}, usage=None),
+                           openai_chunk({"content": "Hi"}, usage=None), openai_chunk({}, "stop", usage=None),
+                           openai_chunk(None, usage=GPT_USAGE), b"data: [DONE]\n\n"]))  # fmt: skip
+        else:
+            fake.push(Json({**openai_completion("Hi"), "usage": GPT_USAGE}))
+    if client == "openai":
+        if stream:
+            await collect(await oai.chat.completions.create(model=model, messages=HI, stream=True))
+        else:
+            await oai.chat.completions.create(model=model, messages=HI)
+    elif stream:
+        async with claude.messages.stream(model=model, max_tokens=100, messages=HI) as s:
+            await s.get_final_message()
+    else:
+        await claude.messages.create(model=model, max_tokens=100, messages=HI)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    ("client", "kind", "tokens", "cost", "price", "cache_write"),
+    [
+        ("openai", "anthropic", (26, 5, 4), CLAUDE_COST, "claude", 2),
+        ("openai", "gemini", (9, 6, 0), GEMINI_COST, "gemini", 0),
+        ("anthropic", "anthropic", (26, 5, 4), CLAUDE_COST, "claude", 2),
+        ("anthropic", "openai", (11, 7, 4), GPT_COST, "gpt", 0),
+        ("anthropic", "gemini", (9, 6, 0), GEMINI_COST, "gemini", 0),
+    ],
+)
+async def test_metering_per_direction(
+    oai,
+    claude,
+    relay: Relay,
+    fake: FakeUpstream,
+    client,
+    kind,
+    tokens,
+    cost,
+    price,
+    cache_write,
+    stream,
+):
+    await _request(client, kind, stream, oai, claude, fake)
+    await relay.settle()
+    (row,) = ledger_rows(relay)
+    endpoint = "/v1/chat/completions" if client == "openai" else "/v1/messages"
+    assert (row["model"], row["upstream"], row["endpoint"]) == (
+        MODEL_OF[kind],
+        f"fake-{kind}",
+        endpoint,
+    )
+    assert (row["status"], row["attempts"], row["estimated"]) == (200, 1, 0)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == tokens
+    assert row["cost_usd"] == pytest.approx(cost, rel=1e-12)
+    prompt, completion, cached = tokens
+    usage = Usage(prompt=prompt, completion=completion, cached=cached, cache_write=cache_write)
+    assert cost_usd(PRICES[price], usage) == pytest.approx(cost, rel=1e-12)  # the cross-check
+
+
+async def test_metering_gemini_cached_content_is_priced_at_input(
+    oai, relay: Relay, fake: FakeUpstream
+):
+    """gemini-* has no cached_input price: cached tokens cost the input price (SPEC §4)."""
+    fake.push(
+        Json(gemini_reply([{"text": "Hi"}], cachedContentTokenCount=5, toolUsePromptTokenCount=3))
+    )
+    r = await oai.chat.completions.create(model=GEMINI, messages=HI)
+    # prompt = promptTokenCount 9 + toolUsePromptTokenCount 3; completion = 4 + thoughts 2
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (12, 6)
+    assert r.usage.prompt_tokens_details.cached_tokens == 5
+    await relay.settle()
+    (row,) = ledger_rows(relay)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (12, 6, 5)
+    assert row["cost_usd"] == pytest.approx(((12 - 5) * 1 + 5 * 1 + 6 * 2) / 1e6, rel=1e-12)
+
+
+# === 5. Byte boundaries end to end ===============================================================
+
+GEMINI_RICH_STREAM = gemini_sse([
+    gemini_event([{"text": "Hmm, ", "thought": True}]),
+    gemini_event([{"text": "weather.", "thought": True}]),
+    gemini_event([{"text": "Checking "}]),
+    gemini_event([{"text": "é€😀 now."}]),  # multi-byte UTF-8, split mid-character below
+    gemini_event([
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2lnMQ=="},
+        {"functionCall": {"name": "get_time", "args": {"tz": "CET"}}},
+    ], "STOP", usage=True),
+])  # fmt: skip
+CLAUDE_RICH_STREAM = claude_sse(
+    [
+        ({"type": "thinking", "thinking": "", "signature": ""},
+         [{"type": "thinking_delta", "thinking": "Hmm, "}, {"type": "thinking_delta", "thinking": "weather."},
+          {"type": "signature_delta", "signature": "sig"}]),
+        ({"type": "text", "text": ""},
+         [{"type": "text_delta", "text": "Checking "}, {"type": "text_delta", "text": "é€😀 now."}]),
+        ({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+         [{"type": "input_json_delta", "partial_json": '{"city":'},
+          {"type": "input_json_delta", "partial_json": ' "Paris"}'}]),
+        ({"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}},
+         [{"type": "input_json_delta", "partial_json": '{"tz": "CET"}'}]),
+    ],
+    "tool_use",
+)  # fmt: skip
+
+
+def pieces(events: list[bytes], size: int) -> list[bytes]:
+    whole = b"".join(events)
+    return [whole[i : i + size] for i in range(0, len(whole), size)]
+
+
+def normalised_chunks(chunks: list[Any]) -> list[dict[str, Any]]:
+    """The client-visible chunks without what differs per response (ids, timestamps)."""
+    out = []
+    for chunk in chunks:
+        dumped = chunk.model_dump(exclude={"id", "created"})
+        for choice in dumped["choices"]:
+            for call in choice["delta"].get("tool_calls") or ():
+                call["id"] = "ID" if call.get("id") else None
+        out.append(dumped)
+    return out
+
+
+def normalised_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    events = sse_events(raw)
+    for name, data in events:
+        if name == "message_start":
+            data["message"]["id"] = "ID"
+        if name == "content_block_start" and data["content_block"].get("type") == "tool_use":
+            data["content_block"]["id"] = "ID"
+    return events
+
+
+def split_ways(events: list[bytes]) -> list[Sse]:
+    """The stream whole, in 1-byte and in 7-byte pieces. The pause between pieces matters:
+    without it TCP hands the relay the whole stream in one or two reads; with it the relay
+    really reads 1 and 7 bytes at a time."""
+    return [Sse(events), Sse(pieces(events, 1), delay=0.0001), Sse(pieces(events, 7), delay=0.0001)]
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_streams_split_at_any_byte_translate_the_same_for_openai_clients(
+    oai, relay: Relay, fake: FakeUpstream, kind
+):
+    events = CLAUDE_RICH_STREAM if kind == "anthropic" else GEMINI_RICH_STREAM
+    asks = {"messages": HI, "stream": True, "stream_options": {"include_usage": True},
+            "tools": [WEATHER, TIME], "reasoning_effort": "low"}  # fmt: skip
+    results = []
+    for sse in split_ways(events):
+        fake.push(sse)
+        chunks = await collect(await oai.chat.completions.create(model=MODEL_OF[kind], **asks))
+        results.append(normalised_chunks(chunks))
+    whole, one, seven = results
+    assert one == whole and seven == whole
+    assert text_of_dumps(whole) == "Checking é€😀 now."
+    assert [c["function"]["name"] for d in whole if d["choices"]
+            for c in d["choices"][0]["delta"].get("tool_calls") or () if c["function"]["name"]] == ["get_weather", "get_time"]  # fmt: skip
+    assert whole[-1]["usage"] is not None and whole[-1]["choices"] == []
+    assert len(fake.requests) == 3  # one try each: the first content committed every time
+    await relay.settle()
+    assert (
+        len(
+            {
+                (r["prompt_tokens"], r["completion_tokens"], r["estimated"])
+                for r in ledger_rows(relay)
+            }
+        )
+        == 1
+    )
+
+
+async def test_a_gemini_stream_split_at_any_byte_translates_the_same_for_anthropic_clients(
+    claude, relay: Relay, fake: FakeUpstream
+):
+    results = []
+    for sse in split_ways(GEMINI_RICH_STREAM):
+        fake.push(sse)
+        async with claude.messages.with_streaming_response.create(
+            model=GEMINI, max_tokens=20000, messages=HI, stream=True, tools=CLAUDE_TOOLS
+        ) as response:
+            raw = b"".join([chunk async for chunk in response.iter_bytes()])
+        results.append(normalised_events(raw))
+    whole, one, seven = results
+    assert one == whole and seven == whole
+    names = [name for name, _ in whole]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    assert len(fake.requests) == 3
+    await relay.settle()
+    assert {
+        (r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in ledger_rows(relay)
+    } == {(9, 6, 0)}
+
+
+@pytest.mark.xfail(
+    reason="sse.complete_len returns 2, not 0, when the bytes hold no event boundary "
+    "(rfind's -1 + 3), so PassThrough cuts events apart on small reads: the Anthropic "
+    "pass-through never sees content or usage, and the request is retried as empty",
+    strict=True,
+)
+async def test_an_anthropic_stream_split_at_any_byte_passes_through_unchanged(
+    claude, relay: Relay, fake: FakeUpstream
+):
+    for sse in split_ways(CLAUDE_RICH_STREAM):
+        fake.push(sse)
+        async with claude.messages.with_streaming_response.create(
+            model=CLAUDE, max_tokens=20000, messages=HI, stream=True, tools=CLAUDE_TOOLS
+        ) as response:
+            raw = b"".join([chunk async for chunk in response.iter_bytes()])
+        assert raw == b"".join(CLAUDE_RICH_STREAM)
+    assert len(fake.requests) == 3  # one try each
+    await relay.settle()
+    assert {
+        (r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in ledger_rows(relay)
+    } == {(26, 5, 0)}
+
+
+def text_of_dumps(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
