@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -417,6 +418,43 @@ async def test_a_connect_error_is_retried_without_naming_the_address(fakes, star
     code, _, body = await chat(http, relay, tag="r1")
     assert code == 200 and (await row_for(relay, "r1"))["attempts"] == 2
     assert_clean(body, [dead, backup])
+
+
+async def test_a_connect_timeout_is_retried(fakes, start, http):
+    (backup,) = await fakes("backup")
+    # a listener whose accept queue is full: the kernel drops further SYNs, connect() hangs
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname())
+    try:
+        dead = Scripted("blackhole")
+        dead.port = blackhole.getsockname()[1]
+        config = pool_config(dead, backup)
+        upstream(config, "blackhole")["timeouts"] = {"connect": "200ms"}
+        relay = await start(config)
+        t0 = time.monotonic()
+        code, _, _ = await chat(http, relay, tag="r1")
+        assert code == 200 and 0.2 <= time.monotonic() - t0 < 1.5
+        row = await row_for(relay, "r1")
+        assert (row["attempts"], row["upstream"]) == (2, "backup")
+    finally:
+        filler.close()
+        blackhole.close()
+
+
+async def test_the_retry_budget_stops_a_failing_upstream_multiplying_load(fakes, start, http):
+    primary, backup = await fakes("primary", "backup")
+    # never ejected, so every request tries primary first and wants a retry
+    relay = await start(
+        pool_config(primary, backup, health={"eject_after": 1000, "eject_for": "1s"})
+    )
+    primary.push(*[leaky_error(primary, 503)] * 40)
+    codes = Counter([(await chat(http, relay))[0] for _ in range(40)])
+    # retries allowed while retries + 1 <= 20% of the requests of the last 10 s + 10
+    assert len(primary.requests) == 40
+    assert len(backup.requests) == codes[200] == 18
+    assert codes[502] == 22
 
 
 # --- 429 and cooling ------------------------------------------------------------------
