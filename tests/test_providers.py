@@ -120,6 +120,12 @@ def headers_of(recorded: Recorded) -> dict[str, str]:
     return {k.lower(): v for k, v in recorded.headers.items()}
 
 
+RELAYED_HEADERS = {
+    "host", "user-agent", "accept", "accept-encoding", "content-type", "content-length",
+    "authorization", "x-api-key", "x-goog-api-key", "anthropic-version", "anthropic-beta",
+}  # fmt: skip
+
+
 def assert_upstream_auth(recorded: Recorded, kind: str, relay: Relay) -> None:
     """The upstream's own key in the upstream's own header; the client's key nowhere."""
     headers = headers_of(recorded)
@@ -135,6 +141,7 @@ def assert_upstream_auth(recorded: Recorded, kind: str, relay: Relay) -> None:
         assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
         assert "x-api-key" not in headers
         assert not any(name.startswith("anthropic-") for name in headers)
+    assert set(headers) <= RELAYED_HEADERS  # no client headers beyond SPEC §10's
     assert relay.key not in str(recorded.headers)
     assert relay.key.encode() not in recorded.body
     assert recorded.query in ("", "alt=sse")
@@ -986,6 +993,21 @@ async def test_anthropic_sdk_to_gemini_json(claude, relay: Relay, fake: FakeUpst
         "systemInstruction": {"parts": [{"text": "You are terse."}]},
         "generationConfig": {"maxOutputTokens": 300, "stopSequences": ["FIN"]},
     }
+
+
+async def test_anthropic_sdk_to_gemini_images(claude, fake: FakeUpstream):
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+    }
+    msg = await claude.messages.create(
+        model=GEMINI, max_tokens=300,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}],
+    )  # fmt: skip
+    assert msg.content[0].text == "Hello from Gemini!"
+    assert fake.requests[-1].json()["contents"] == [{"role": "user", "parts": [
+        {"text": "What is this?"}, {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
+    ]}]  # fmt: skip
 
 
 async def test_anthropic_sdk_to_gemini_tools(claude, fake: FakeUpstream):
