@@ -1593,3 +1593,37 @@ async def test_an_anthropic_stream_split_at_any_byte_passes_through_unchanged(
 
 def text_of_dumps(chunks: list[dict[str, Any]]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+GEMINI_BLOCKED = {"promptFeedback": {"blockReason": "SAFETY"},
+                  "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9}}  # fmt: skip
+
+
+@pytest.mark.xfail(
+    reason="relay.empty_chat and relay_stream's empty check treat a provider's safety "
+    "refusal (no text, finish content_filter) as an empty completion and retry it, so the "
+    "client may get an unfiltered answer from the retry instead of content_filter",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    ("kind", "stream", "refusal"),
+    [
+        ("gemini", False, Json(GEMINI_BLOCKED)),
+        ("gemini", True, Sse(gemini_sse([GEMINI_BLOCKED]))),
+        ("anthropic", False, Json(claude_reply([], "refusal"))),
+    ],
+    ids=["gemini-json", "gemini-stream", "anthropic-json"],
+)
+async def test_a_safety_refusal_is_an_answer_not_a_failure(
+    oai, fake: FakeUpstream, kind, stream, refusal
+):
+    fake.push(refusal)  # the next try would get the fake's default answer
+    if stream:
+        chunks = await collect(
+            await oai.chat.completions.create(model=MODEL_OF[kind], messages=HI, stream=True)
+        )
+        assert (text_of(chunks), finish_of(chunks)) == ("", ["content_filter"])
+    else:
+        r = await oai.chat.completions.create(model=MODEL_OF[kind], messages=HI)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("", "content_filter")
+    assert len(fake.requests) == 1
