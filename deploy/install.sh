@@ -15,8 +15,8 @@
 #   - /etc/systemd/system/edgeproxy.service         the unit, then `systemctl daemon-reload`
 #   - /usr/local/bin/edgeproxy                      CLI wrapper: `sudo edgeproxy keys create alice`
 #
-# --pyz PATH   the file to install (default: dist/edgeproxy.pyz, else ./edgeproxy.pyz,
-#              next to this repository's root)
+# --pyz PATH   the file to install (default: dist/edgeproxy.pyz or edgeproxy.pyz in the
+#              directory that holds deploy/, else ./edgeproxy.pyz)
 # --dry-run    print what would be done and change nothing (no root needed)
 # EDGEPROXY_PREFIX=/some/dir puts every path above under that directory instead of /
 # (for tests and image builds); then systemctl is not called and root is not required.
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run|-n) dry_run=true; shift ;;
     --pyz) pyz=${2:?--pyz needs a path}; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -26,8 +26,10 @@
 # file and has more runtime knobs (PEX_ROOT, interpreter constraints) than a relay needs;
 # shiv's cache is a plain directory an operator can inspect or delete.
 #
-# -E (extend PYTHONPATH) lets a worker process started as `python3 -m edgeproxy` from
-# inside the pyz (multi-worker mode) find the same extracted packages.
+# --extend-pythonpath lets a worker process started as `python3 -m edgeproxy` from inside
+# the pyz (multi-worker mode) find the same extracted packages. --compile-pyc compiles the
+# bytecode once at extraction (a few seconds, once per build), so every later start is
+# fast even where Python may not write __pycache__ (PYTHONDONTWRITEBYTECODE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -117,7 +119,7 @@ mkdir -p "$(dirname "$out")"
   --entry-point edgeproxy.cli:main \
   --output-file "$out" \
   --python '/usr/bin/env python3' \
-  --compressed --reproducible --extend-pythonpath \
+  --compressed --reproducible --extend-pythonpath --compile-pyc \
   --preamble "$work/bin/preamble.py" \
   "${pip_args[@]}" -q --disable-pip-version-check
 
