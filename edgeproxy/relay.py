@@ -56,6 +56,8 @@ def empty_chat(body: dict[str, Any]) -> bool:
     if not isinstance(choices, list) or not choices:
         return True
     for choice in choices:
+        if isinstance(choice, dict) and choice.get("finish_reason") == "content_filter":
+            return False  # a safety refusal is an answer: never retried elsewhere
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
@@ -100,6 +102,8 @@ async def relay_json(
 
 
 def _anthropic_as_openai(body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("stop_reason") == "refusal":
+        return {"choices": [{"finish_reason": "content_filter"}]}
     has = any(
         (b.get("type") == "text" and b.get("text")) or b.get("type") == "tool_use"
         for b in body.get("content") or []
@@ -150,6 +154,7 @@ async def relay_stream(
     last: bool,
     idle_s: float,
     headers: dict[str, str],
+    secrets: tuple[str, ...] = (),
 ) -> web.StreamResponse:
     """SSE: hold the status line until the first content event, then relay as it comes."""
     flt: PassThrough | Translated
@@ -161,7 +166,7 @@ async def relay_stream(
         flavor = "anthropic" if upstream_kind == "anthropic" else (
             "openai" if ctx.endpoint in ("/v1/chat/completions", "/v1/completions") else "generic"
         )
-        flt = PassThrough(flavor, withhold_usage=withhold_usage)
+        flt = PassThrough(flavor, withhold_usage=withhold_usage, secrets=tuple(x.encode() for x in secrets))
     loop = asyncio.get_running_loop()
     held: list[bytes] = []
     bumped = 0.0
@@ -173,7 +178,8 @@ async def relay_stream(
             out = flt.feed(chunk)
             if ctx.response is None:
                 if flt.error is not None:
-                    raise AttemptFailed(502, errors.UpstreamError(f"upstream error: {flt.error}"))
+                    message = errors.scrub(flt.error, secrets)
+                    raise AttemptFailed(502, errors.UpstreamError(f"upstream error: {message}"))
                 if out:
                     held.append(out)
                 if flt.content_seen:

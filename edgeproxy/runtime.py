@@ -45,6 +45,7 @@ class Runtime:
     upstreams: UpstreamSet
     headers: dict[str, dict[str, dict[str, str]]]  # upstream name -> api key -> headers
     secrets: tuple[str, ...]  # scrubbed from anything an upstream sends back
+    secret_bytes: tuple[bytes, ...]  # the same, for scrubbing relayed stream bytes
     public_models: list[tuple[str, str]]  # (name, owned_by kind) for /v1/models
     loaded_at: float = field(default_factory=time.time)
     _labels: dict[str, str] = field(default_factory=dict)
@@ -56,11 +57,13 @@ class Runtime:
         if previous is not None:
             upstreams.carry_over(previous.upstreams)
         headers = {u.name: {k: auth_headers(u, k) for k in u.api_keys} for u in config.upstreams}
+        secrets = _secrets(config)
         return cls(
             config=config,
             upstreams=upstreams,
             headers=headers,
-            secrets=_secrets(config),
+            secrets=secrets,
+            secret_bytes=tuple(s.encode() for s in secrets),
             public_models=_public_models(config),
         )
 

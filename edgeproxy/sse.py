@@ -80,7 +80,12 @@ def complete_len(data: bytes) -> int:
 
     Three ``rfind`` calls in C: cheap enough to run on every chunk of a stream.
     """
-    return max(data.rfind(b"\n\n") + 2, data.rfind(b"\n\r\n") + 3, data.rfind(b"\r\r") + 2, 0)
+    ends = (data.rfind(b"\n\n"), data.rfind(b"\n\r\n"), data.rfind(b"\r\r"))
+    return max(
+        ends[0] + 2 if ends[0] >= 0 else 0,
+        ends[1] + 3 if ends[1] >= 0 else 0,
+        ends[2] + 2 if ends[2] >= 0 else 0,
+    )
 
 
 def split(data: bytes) -> list[bytes]:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import orjson
 
 from edgeproxy import sse
+from edgeproxy.errors import scrub_bytes
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.dialects.openai import carries_content
 from edgeproxy.usage import Usage, from_openai
@@ -44,6 +45,7 @@ class PassThrough:
 
     __slots__ = (
         "_anthropic_usage",
+        "_secrets",
         "_tail",
         "content_seen",
         "done",
@@ -54,8 +56,11 @@ class PassThrough:
         "withhold_usage",
     )
 
-    def __init__(self, flavor: Flavor, *, withhold_usage: bool = False) -> None:
+    def __init__(
+        self, flavor: Flavor, *, withhold_usage: bool = False, secrets: tuple[bytes, ...] = ()
+    ) -> None:
         self.flavor = flavor
+        self._secrets = secrets  # an upstream's error event may name its URL or key
         self.withhold_usage = withhold_usage
         self.content_seen = False
         self.done = False
@@ -76,7 +81,7 @@ class PassThrough:
         else:
             complete, self._tail = data[:cut], data[cut:]
         self.events += complete.count(b"data:")
-        if self.content_seen and not sse.has_object(complete, b"usage"):
+        if self.content_seen and not sse.has_object(complete, b"usage") and b'"error"' not in complete:
             if self.flavor == "anthropic" and b"message_stop" in complete:
                 self.done = True
             elif complete.endswith(DONE):
@@ -93,13 +98,17 @@ class PassThrough:
 
     def _inspect(self, complete: bytes) -> bytes:
         kept: list[bytes] = []
-        dropped = False
+        changed = False
         for event in sse.split(complete):
-            if self._read_event(event):
-                kept.append(event)
-            else:
-                dropped = True
-        return b"".join(kept) if dropped else complete
+            if not self._read_event(event):
+                changed = True  # withheld
+                continue
+            if b'"error"' in event:
+                scrubbed = scrub_bytes(event, self._secrets)
+                changed = changed or scrubbed is not event
+                event = scrubbed
+            kept.append(event)
+        return b"".join(kept) if changed else complete
 
     def _read_event(self, event: bytes) -> bool:
         """Update state from one event; False when the event must be withheld."""

@@ -1278,11 +1278,6 @@ async def test_midstream_error_ends_an_openai_clients_stream(
         )
 
 
-@pytest.mark.xfail(
-    reason="streams.PassThrough relays an Anthropic upstream's mid-stream error event "
-    "unscrubbed: its message may name the upstream URL or key (SPEC §6)",
-    strict=True,
-)
 async def test_a_passed_through_midstream_error_is_scrubbed(claude, fake: FakeUpstream):
     fake.push(midstream_error("anthropic", fake))
     async with claude.messages.with_streaming_response.create(
@@ -1293,11 +1288,6 @@ async def test_a_passed_through_midstream_error_is_scrubbed(claude, fake: FakeUp
     assert_scrubbed(raw.decode(), fake)
 
 
-@pytest.mark.xfail(
-    reason="relay.relay_stream puts an upstream stream error seen before the commit point "
-    "into UpstreamError unscrubbed; after the retries the client's 502 names the upstream",
-    strict=True,
-)
 async def test_a_stream_error_before_content_is_retried_then_scrubbed(claude, fake: FakeUpstream):
     error = {"type": "overloaded_error", "message": f"Overloaded ({fake.url}, {ANTHROPIC_KEY})"}
     failing = Sse(
@@ -1568,12 +1558,6 @@ async def test_a_gemini_stream_split_at_any_byte_translates_the_same_for_anthrop
     } == {(9, 6, 0)}
 
 
-@pytest.mark.xfail(
-    reason="sse.complete_len returns 2, not 0, when the bytes hold no event boundary "
-    "(rfind's -1 + 3), so PassThrough cuts events apart on small reads: the Anthropic "
-    "pass-through never sees content or usage, and the request is retried as empty",
-    strict=True,
-)
 async def test_an_anthropic_stream_split_at_any_byte_passes_through_unchanged(
     claude, relay: Relay, fake: FakeUpstream
 ):
@@ -1599,12 +1583,6 @@ GEMINI_BLOCKED = {"promptFeedback": {"blockReason": "SAFETY"},
                   "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9}}  # fmt: skip
 
 
-@pytest.mark.xfail(
-    reason="relay.empty_chat and relay_stream's empty check treat a provider's safety "
-    "refusal (no text, finish content_filter) as an empty completion and retry it, so the "
-    "client may get an unfiltered answer from the retry instead of content_filter",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("kind", "stream", "refusal"),
     [

@@ -40,12 +40,21 @@ class UpstreamStreamError(Exception):
 
 
 def carries_content(chunk: dict[str, Any]) -> bool:
-    """True when a chunk's delta has non-empty content, reasoning or tool calls (SPEC §3)."""
+    """True when a chunk's delta has non-empty content, reasoning or tool calls (SPEC §3),
+    or the provider refused on safety grounds: a refusal is an answer, and retrying it
+    elsewhere could hand the client what the filter withheld."""
     for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
         if isinstance(delta, dict) and (
-            delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+            delta.get("content")
+            or delta.get("reasoning_content")
+            or delta.get("tool_calls")
+            or delta.get("refusal")
         ):
+            return True
+        if choice.get("finish_reason") == "content_filter" or choice.get("text"):
             return True
     return False
 
