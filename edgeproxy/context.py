@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class RequestContext:
-    request_id: str
+    request_id: str  # the x-request-id of the response: the client's own, if it sent one
     endpoint: str  # the public path, e.g. "/v1/chat/completions"
     dialect: Literal["openai", "anthropic"]  # the shape of errors and streams the client wants
     started: float  # loop.time()
@@ -47,6 +48,7 @@ class RequestContext:
     client_gone: bool = False
     error_code: str = ""
     ticket: Ticket | None = None  # admitted by the limiter: settled in log_request
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique: the ledger's key
 
     @property
     def committed(self) -> bool:

@@ -94,7 +94,8 @@ CREATE TABLE IF NOT EXISTS keys (
     updated_at TEXT
 );
 CREATE TABLE IF NOT EXISTS usage (
-    request_id TEXT PRIMARY KEY,
+    record_id TEXT PRIMARY KEY,  -- the relay's own id: what makes a record idempotent
+    request_id TEXT NOT NULL,    -- the x-request-id the client saw (its own, if it sent one)
     ts REAL NOT NULL,
     key_id INT,
     key_name TEXT,
@@ -113,6 +114,7 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_name, ts);
+CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 """
 _CREATE = f"""
 BEGIN IMMEDIATE;

@@ -31,7 +31,7 @@ from edgeproxy.records import DbError, InvalidValue, UsageRecord, check_expires
 
 log = logging.getLogger("edgeproxy.db")
 
-_INSERT_USAGE = "INSERT OR IGNORE INTO usage VALUES (" + ", ".join("?" * 16) + ")"
+_INSERT_USAGE = "INSERT OR IGNORE INTO usage VALUES (" + ", ".join("?" * 17) + ")"
 _BATCH_ROWS = 5000  # rows per transaction: bounds how long one commit holds the write lock
 _SQL_TYPES = (type(None), str, int, float, bool)
 _PROBE_AFTER_S = 10.0  # writable() writes a probe when nothing was committed for this long
@@ -39,7 +39,7 @@ _PROBE_AFTER_S = 10.0  # writable() writes a probe when nothing was committed fo
 
 def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
     """The usage table's columns, in its order."""
-    return (r.request_id, r.ts, r.key_id, r.key_name, r.model, r.upstream, r.endpoint,
+    return (r.record_id, r.request_id, r.ts, r.key_id, r.key_name, r.model, r.upstream, r.endpoint,
             r.status, r.attempts, r.latency_ms, r.ttfb_ms, r.prompt_tokens,
             r.completion_tokens, r.cached_tokens, r.cost_usd, int(r.estimated))  # fmt: skip
 
@@ -195,7 +195,7 @@ class Ledger:
             await conn.executemany(_INSERT_USAGE, fresh)
             spend: dict[int, float] = {}
             for row in fresh:
-                key_id, cost = row[2], row[14]
+                key_id, cost = row[3], row[15]
                 if key_id is not None and cost:
                     spend[key_id] = spend.get(key_id, 0.0) + cost
             await conn.executemany(
@@ -207,14 +207,14 @@ class Ledger:
             await self._rollback()
             raise
 
-    async def _existing(self, request_ids: list[str]) -> set[str]:
-        """Request ids already in the ledger (under the write lock, so no race)."""
+    async def _existing(self, record_ids: list[str]) -> set[str]:
+        """Record ids already in the ledger (under the write lock, so no race)."""
         found: set[str] = set()
-        for i in range(0, len(request_ids), 500):  # well under SQLite's variable limit
-            chunk = request_ids[i : i + 500]
+        for i in range(0, len(record_ids), 500):  # well under SQLite's variable limit
+            chunk = record_ids[i : i + 500]
             marks = ", ".join("?" * len(chunk))
             rows = await self._conn.execute_fetchall(
-                f"SELECT request_id FROM usage WHERE request_id IN ({marks})", chunk
+                f"SELECT record_id FROM usage WHERE record_id IN ({marks})", chunk
             )
             found.update(row[0] for row in rows)
         return found

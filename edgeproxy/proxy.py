@@ -297,7 +297,7 @@ async def attempt(
                         ctx, request, resp, timer,
                         upstream_kind=upstream.kind, translated=out.translated,
                         withhold_usage=ctx.stream and not ctx.client_wants_usage,
-                        last=last, idle_s=t.idle, headers=headers,
+                        last=last, idle_s=t.idle, headers=headers, secrets=rt.secrets,
                     )  # fmt: skip
                 if resp.content_type == "application/json" or out.translated:
                     return await relay.relay_json(
@@ -462,6 +462,7 @@ def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> 
         key_name=ctx.key.name,
     )  # fmt: skip
     record = UsageRecord(
+        record_id=ctx.record_id,
         request_id=ctx.request_id, ts=ctx.ts, key_id=ctx.key.id, key_name=ctx.key.name,
         model=ctx.model, upstream=ctx.upstream, endpoint=ctx.endpoint, status=ctx.status,
         attempts=ctx.attempts, latency_ms=round(latency * 1000, 3),

@@ -244,3 +244,10 @@ class UsageRecord:
     cached_tokens: int = 0
     cost_usd: float = 0.0
     estimated: bool = False  # the upstream sent no usage, or the client left mid-stream
+    # Unique per request, made by the relay. A client may send the same x-request-id twice;
+    # both requests must be billed, so the ledger dedupes on this, not on request_id.
+    record_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.record_id:
+            self.record_id = self.request_id

@@ -295,7 +295,9 @@ async def test_close_flushes_what_is_queued(path: str) -> None:
     await ledger.close()
     await ledger.close()  # idempotent
     assert query(path, "SELECT COUNT(*) FROM usage") == [(50,)]
-    row = query(path, "SELECT * FROM usage WHERE request_id = 'r7'")[0]
+    record_id, *rest = query(path, "SELECT * FROM usage WHERE request_id = 'r7'")[0]
+    assert record_id == "r7"  # a record made without a record id of its own uses the request id
+    row = tuple(rest)
     assert row[1:] == (
         pytest.approx(row[1]), None, "alice", "gpt-4o", "openai", "/v1/chat/completions",
         200, 1, 12.5, None, 10, 5, 2, 0.0, 0,

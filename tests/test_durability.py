@@ -527,11 +527,6 @@ async def test_a_retried_request_is_billed_once(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py uses the client's x-request-id as the ledger's primary key, so a second"
-    " request reusing it is dropped by INSERT OR IGNORE: served, never billed",
-)
 async def test_a_reused_client_request_id_is_still_billed_per_request(
     tmp_path: Path, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
