@@ -25,9 +25,9 @@ from typing import Any, Literal
 import orjson
 
 from edgeproxy import sse
-from edgeproxy.errors import scrub_bytes
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.dialects.openai import carries_content
+from edgeproxy.errors import scrub_bytes
 from edgeproxy.usage import Usage, from_openai
 
 DONE = b"data: [DONE]\n\n"
@@ -81,10 +81,14 @@ class PassThrough:
         else:
             complete, self._tail = data[:cut], data[cut:]
         self.events += complete.count(b"data:")
-        if self.content_seen and not sse.has_object(complete, b"usage") and b'"error"' not in complete:
-            if self.flavor == "anthropic" and b"message_stop" in complete:
-                self.done = True
-            elif complete.endswith(DONE):
+        if (
+            self.content_seen
+            and not sse.has_object(complete, b"usage")
+            and b'"error"' not in complete
+        ):
+            if (self.flavor == "anthropic" and b"message_stop" in complete) or complete.endswith(
+                DONE
+            ):
                 self.done = True
             return complete  # the hot path: the same bytes object, no parsing
         return self._inspect(complete)
@@ -127,8 +131,11 @@ class PassThrough:
         if self.flavor == "anthropic":
             self._read_anthropic(name or str(obj.get("type", "")), obj)
             return True
-        if "error" in obj and not self.content_seen:
-            self.error = _error_message(obj.get("error"))
+        if "error" in obj:
+            if self.content_seen:
+                self.done = True  # the upstream ended the stream with its own error event
+            else:
+                self.error = _error_message(obj.get("error"))
         if self.flavor == "generic":
             self.content_seen = True
             usage = obj.get("usage") or (obj.get("response") or {}).get("usage")
@@ -155,8 +162,11 @@ class PassThrough:
             self.content_seen = True
         elif name == "message_stop":
             self.done = True
-        elif name == "error" and not self.content_seen:
-            self.error = _error_message(obj.get("error"))
+        elif name == "error":
+            if self.content_seen:
+                self.done = True  # relayed as it came (scrubbed): the client needs no second one
+            else:
+                self.error = _error_message(obj.get("error"))
         if self._anthropic_usage and name in ("message_start", "message_delta"):
             self.usage = anthropic.usage_from(self._anthropic_usage)
 
