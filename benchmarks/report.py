@@ -124,7 +124,7 @@ def verdicts(results: dict) -> list[Verdict]:
         dropped = slow.get("dropped")
         ramp = slow.get("ramp", {}).get("ramp_s")
         text = f"{slow['count']:,} streams: {'—' if per is None else f'{per:.1f}'} KB each, {dropped} dropped"
-        text += f", all open after {ramp:.0f} s" if ramp is not None else ", never all open"
+        text += f", plateau after {ramp:.0f} s" if ramp is not None else ", no plateau"
         if slow.get("capped_because"):
             text += " (count capped by ulimit -n)"
         met = (

@@ -269,6 +269,12 @@ class Suite:
             log(
                 f"slow streams ({workers} worker setting): {result.get('kb_per_stream')} KB each, {result['dropped']} dropped"
             )
+            errors = result.get("client", {}).get("errors")
+            if errors:
+                listed = ", ".join(f"{n} × {why}" for why, n in errors.items())
+                self.results["notes"].append(
+                    f"slow streams with workers: {workers}: failures: {listed}."
+                )
             if result.get("capped_because"):
                 self.results["notes"].append(
                     f"slow streams with workers: {workers}: count capped at {result['count']:,}: {result['capped_because']}."

@@ -9,13 +9,14 @@ Three parts, each its own process so their file descriptors and memory stay apar
   with a usage chunk and ``data: [DONE]``. Holding makes the plateau independent of how
   fast the relay accepts new streams. Every event carries its sequence number in ``id``.
 - ``client``: opens ``--count`` streams through the relay (at most ``--opening`` being set
-  up at once), prints ``PLATEAU {...}`` when all of them are open and have their first
-  event, and at the end one ``RESULT {...}`` line: a stream counts as completed when it
-  got status 200, every event in order with none missing, and ``[DONE]``.
+  up at once), prints ``PLATEAU {...}`` once every stream is open with its first event or
+  has failed, and at the end one ``RESULT {...}`` line: a stream counts as completed when
+  it got status 200, every event in order with none missing, and ``[DONE]``; a refusal is
+  counted by its status and error code.
 - ``run_test``: the orchestration ``run.py`` calls: edgeproxy on ``relay.bench.yaml``,
   warm-up, idle RSS of its process tree, the client, RSS at the plateau, release, result.
 
-RSS per stream = (tree RSS at the plateau - tree RSS idle after warm-up) / streams.
+RSS per stream = (tree RSS at the plateau - tree RSS idle after warm-up) / open streams.
 The count is capped by ``ulimit -n``: one edgeproxy worker holds two sockets per stream
 (client and upstream side), so with a hard limit of 20,000 one worker tops out near 9,970.
 
@@ -163,10 +164,14 @@ async def serve_upstream(port: int, max_events: int, interval_s: float) -> None:
 _SEQ = re.compile(rb'"id":"slow-(\d+)"')
 
 
+_CODE = re.compile(rb'"code"\s*:\s*"([^"]{1,64})"')
+
+
 @dataclass
 class Tally:
     count: int
     opened: int = 0  # got status 200 and the first event
+    settled: int = 0  # opened, or failed before opening: the plateau is all of them settled
     completed: int = 0
     failed: int = 0
     events_min: int = 1 << 30
@@ -179,10 +184,29 @@ class Tally:
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
 
+async def _refusal(reader: asyncio.StreamReader, status: int) -> str:
+    """``status 503 server_overloaded``: the status and the error code of its body."""
+    try:
+        body = await asyncio.wait_for(reader.read(4096), 5.0)
+    except (OSError, TimeoutError):
+        body = b""
+    found = _CODE.search(body)
+    return f"status {status} {found[1].decode()}" if found else f"status {status}"
+
+
 async def one_stream(
     request: bytes, port: int, opening: asyncio.Semaphore, tally: Tally, plateau: asyncio.Event
 ) -> None:
     writer = None
+    settled = False
+
+    def settle() -> None:
+        nonlocal settled
+        settled = True
+        tally.settled += 1
+        if tally.settled == tally.count:
+            plateau.set()
+
     try:
         async with opening:
             reader, writer = await asyncio.open_connection(targets.HOST, port, limit=1 << 20)
@@ -190,7 +214,7 @@ async def one_stream(
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
             if status != 200:
-                tally.fail(f"status {status}")
+                tally.fail(await _refusal(reader, status))
                 return
             buf = b""
             while b"\n\n" not in buf:
@@ -199,8 +223,7 @@ async def one_stream(
                     raise ConnectionError("closed before the first event")
                 buf += data
         tally.opened += 1
-        if tally.opened == tally.count:
-            plateau.set()
+        settle()
         events, in_order = 0, True
         while True:
             # Events arrive whole or split across reads, inside chunked framing: keep the
@@ -226,6 +249,8 @@ async def one_stream(
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
         tally.fail(type(exc).__name__)
     finally:
+        if not settled:
+            settle()
         if writer is not None:
             writer.close()
 
@@ -247,7 +272,11 @@ async def run_client(port: int, key: str, count: int, opening: int, deadline_s: 
 
     async def announce() -> None:
         await plateau.wait()
-        ramp = {"opened": tally.opened, "ramp_s": round(time.perf_counter() - t0, 2)}
+        ramp = {
+            "opened": tally.opened,
+            "failed": tally.failed,
+            "ramp_s": round(time.perf_counter() - t0, 2),
+        }
         print("PLATEAU " + json.dumps(ramp), flush=True)
 
     announcer = asyncio.create_task(announce())
@@ -295,7 +324,7 @@ def run_test(
         ],
     )
     relay = targets.Edgeproxy(
-        mock, workers, slow_port=upstream_port, name=f"edgeproxy-slow-{workers}w"
+        mock, workers, slow_port=upstream_port, name=f"edgeproxy-slow-{workers}w", access_log=True
     )
     client: subprocess.Popen | None = None
     result: dict = {"workers": workers, "asked": asked, "count": count, "nofile_hard": hard}
@@ -335,7 +364,8 @@ def run_test(
                 peak = max(samples, key=lambda m: m.total_kb)
                 result["rss_plateau_kb"] = peak.total_kb
                 result["rss_plateau"] = peak.to_json()
-                result["kb_per_stream"] = round((peak.total_kb - idle.total_kb) / count, 2)
+                held = max(1, result["ramp"]["opened"])  # streams open at the plateau
+                result["kb_per_stream"] = round((peak.total_kb - idle.total_kb) / held, 2)
                 log(
                     f"  plateau after {result['ramp']['ramp_s']} s: {peak.total_kb / 1024:.1f} MB, "
                     f"relay using {result['relay_cpu_cores_at_plateau']} cores"

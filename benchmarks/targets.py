@@ -126,19 +126,21 @@ class Process:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     log: str = ""
+    stdout_log: str | None = None  # where stdout goes; None = /dev/null
     popen: subprocess.Popen | None = None
     started_at: float = 0.0
 
     def start(self) -> None:
         os.makedirs(WORK, exist_ok=True)
         self.log = self.log or os.path.join(WORK, f"{self.name}.log")
-        with open(self.log, "wb") as err:
+        out_path = self.stdout_log or os.devnull  # edgeproxy's access log: a line per request
+        with open(self.log, "wb") as err, open(out_path, "wb") as out:
             self.started_at = time.perf_counter()
             self.popen = subprocess.Popen(
                 self.argv,
                 env={**os.environ, **self.env},
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # edgeproxy's access log: one line per request
+                stdout=out,
                 stderr=err,
                 start_new_session=True,  # its own process group, id = its PID
                 cwd=ROOT,
@@ -359,7 +361,13 @@ class Edgeproxy(Target):
     """The product, on ``relay.bench.yaml``, with its own fresh database and one key."""
 
     def __init__(
-        self, mock: Mock, workers: str, *, slow_port: int | None = None, name: str = ""
+        self,
+        mock: Mock,
+        workers: str,
+        *,
+        slow_port: int | None = None,
+        name: str = "",
+        access_log: bool = False,
     ) -> None:
         super().__init__()
         self.name = name or ("edgeproxy-1w" if workers == "1" else f"edgeproxy-{workers}")
@@ -375,6 +383,7 @@ class Edgeproxy(Target):
             "BENCH_SLOW_PORT": str(slow_port or mock.port),
         }
         self.key = ""
+        self.access_log = os.path.join(WORK, f"{self.name}.access.log") if access_log else None
 
     def create_key(self) -> str:
         """A fresh database and one key without limits: auth and metering, no quota checks."""
@@ -393,7 +402,8 @@ class Edgeproxy(Target):
         return self.key
 
     def make_process(self) -> Process:
-        return Process(self.name, [EDGEPROXY, "-c", BENCH_CONFIG, "serve"], env=self.env)
+        argv = [EDGEPROXY, "-c", BENCH_CONFIG, "serve"]
+        return Process(self.name, argv, env=self.env, stdout_log=self.access_log)
 
     def metrics_status(self) -> int | None:
         return loadgen.http_get_status(HOST, self.metrics_port, "/metrics")
