@@ -27,8 +27,14 @@ def _last_user_text(messages: list[Any]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-                images = sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image_url")
+                texts = [
+                    p.get("text", "")
+                    for p in content
+                    if isinstance(p, dict) and p.get("type") == "text"
+                ]
+                images = sum(
+                    1 for p in content if isinstance(p, dict) and p.get("type") == "image_url"
+                )
                 return " ".join(texts) + (f" [+{images} image(s)]" if images else "")
     return ""
 
@@ -46,7 +52,11 @@ def _reply(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 def _usage(body: dict[str, Any], text: str) -> dict[str, int]:
     prompt = max(1, len(orjson.dumps(body.get("messages") or [])) // 4)
     completion = max(1, len(text) // 4)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -108,7 +118,9 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "demo"}]})
+    return web.json_response(
+        {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "demo"}]}
+    )
 
 
 def make_app() -> web.Application:
@@ -124,8 +136,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8079)
     args = parser.parse_args()
-    print(f"edgeproxy demo upstream (offline mock) on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
+    print(
+        f"edgeproxy demo upstream (offline mock) on http://{args.host}:{args.port}/v1", flush=True
+    )
+    web.run_app(
+        make_app(),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+    )
 
 
 if __name__ == "__main__":

@@ -109,9 +109,15 @@ InvalidApiKey = _error(
 KeyDisabled = _error("KeyDisabled", 403, "key_disabled", "permission_error", "this key is disabled")
 KeyExpired = _error("KeyExpired", 403, "key_expired", "permission_error", "this key has expired")
 ModelNotAllowed = _error(
-    "ModelNotAllowed", 403, "model_not_allowed", "permission_error", "this key may not use this model"
+    "ModelNotAllowed",
+    403,
+    "model_not_allowed",
+    "permission_error",
+    "this key may not use this model",
 )
-ModelNotFound = _error("ModelNotFound", 404, "model_not_found", _BAD, "no upstream serves this model")
+ModelNotFound = _error(
+    "ModelNotFound", 404, "model_not_found", _BAD, "no upstream serves this model"
+)
 UnknownEndpoint = _error("UnknownEndpoint", 404, "unknown_endpoint", _BAD, "unknown endpoint")
 MethodNotAllowed = _error("MethodNotAllowed", 405, "method_not_allowed", _BAD, "method not allowed")
 RequestTooLarge = _error(
@@ -131,7 +137,11 @@ ConcurrencyLimitExceeded = _error(
     "too many concurrent requests for this key",
 )
 InsufficientQuota = _error(
-    "InsufficientQuota", 429, "insufficient_quota", "insufficient_quota", "this key's budget is spent"
+    "InsufficientQuota",
+    429,
+    "insufficient_quota",
+    "insufficient_quota",
+    "this key's budget is spent",
 )
 UpstreamRateLimited = _error(
     "UpstreamRateLimited",

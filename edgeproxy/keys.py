@@ -52,4 +52,3 @@ def check_state(key: KeyRecord, today: dt.date | None = None) -> None:
 def check_model(key: KeyRecord, model: str) -> None:
     if not key.allows(model):
         raise errors.ModelNotAllowed(f"key '{key.name}' may not use model '{model}'", param="model")
-

@@ -154,7 +154,11 @@ def _to_gemini(
     model: str,
     images: dict[str, tuple[str, bytes]] | None,
 ) -> Outbound:
-    body = anthropic.request_to_openai(req.body or {}) if req.dialect == "anthropic" else dict(req.body or {})
+    body = (
+        anthropic.request_to_openai(req.body or {})
+        if req.dialect == "anthropic"
+        else dict(req.body or {})
+    )
     apply_params(body, params)
     out = gemini.request_from_openai(body, model, images)
     action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"

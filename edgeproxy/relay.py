@@ -95,7 +95,9 @@ async def relay_json(
     body, usage = _json_to_client(ctx, parsed, upstream_kind, translated)
     as_openai = body if ctx.dialect == "openai" else _anthropic_as_openai(body)
     if chat and not last and empty_chat(as_openai):
-        raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent an empty completion"))
+        raise AttemptFailed(
+            "empty_response", errors.UpstreamError("upstream sent an empty completion")
+        )
     ctx.usage = usage
     out = orjson.dumps(body) if translated else raw
     return _respond(ctx, out, "application/json", headers)
@@ -134,7 +136,9 @@ def _json_to_client(
     return as_openai, usage
 
 
-def _respond(ctx: RequestContext, body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:
+def _respond(
+    ctx: RequestContext, body: bytes, content_type: str, headers: dict[str, str]
+) -> web.Response:
     response = web.Response(body=body, headers={**headers, "Content-Type": content_type})
     ctx.response = response
     ctx.status = 200
@@ -163,10 +167,18 @@ async def relay_stream(
         wants_usage = ctx.client_wants_usage or ctx.dialect == "anthropic"
         flt = Translated(upstream_kind, ctx.dialect, ctx.model, include_usage=wants_usage)
     else:
-        flavor = "anthropic" if upstream_kind == "anthropic" else (
-            "openai" if ctx.endpoint in ("/v1/chat/completions", "/v1/completions") else "generic"
+        flavor = (
+            "anthropic"
+            if upstream_kind == "anthropic"
+            else (
+                "openai"
+                if ctx.endpoint in ("/v1/chat/completions", "/v1/completions")
+                else "generic"
+            )
         )
-        flt = PassThrough(flavor, withhold_usage=withhold_usage, secrets=tuple(x.encode() for x in secrets))
+        flt = PassThrough(
+            flavor, withhold_usage=withhold_usage, secrets=tuple(x.encode() for x in secrets)
+        )
     loop = asyncio.get_running_loop()
     held: list[bytes] = []
     bumped = 0.0
@@ -200,7 +212,9 @@ async def relay_stream(
         ctx.events_out = flt.events
     if ctx.response is None:
         if not last:
-            raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent an empty stream"))
+            raise AttemptFailed(
+                "empty_response", errors.UpstreamError("upstream sent an empty stream")
+            )
         held.append(tail)
         await _commit_stream(ctx, request, headers, b"".join(held))
     elif tail:

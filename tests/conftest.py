@@ -38,8 +38,15 @@ def relay_dict(upstream_url: str) -> dict[str, Any]:
                 "kind": "openai",
                 "base_url": f"{upstream_url}/v1",
                 "api_keys": [UPSTREAM_KEY],
-                "models": ["gpt-4o-mini", "gpt-5*", "text-embedding-3-small", "tts-1",
-                           "whisper-1", "omni-moderation-latest", "dall-e-3"],  # fmt: skip
+                "models": [
+                    "gpt-4o-mini",
+                    "gpt-5*",
+                    "text-embedding-3-small",
+                    "tts-1",
+                    "whisper-1",
+                    "omni-moderation-latest",
+                    "dall-e-3",
+                ],
                 "model_map": {"gpt-5-alias": "gpt-5-2025-08-07"},
             },
             {
@@ -63,7 +70,9 @@ def relay_dict(upstream_url: str) -> dict[str, Any]:
                 "price": {"input": 1.25, "output": 10.0},
                 "params": {"rename": {"max_tokens": "max_completion_tokens"}},
             },
-            "claude-*": {"price": {"input": 3, "output": 15, "cached_input": 0.3, "cache_write": 3.75}},
+            "claude-*": {
+                "price": {"input": 3, "output": 15, "cached_input": 0.3, "cache_write": 3.75}
+            },
             "gemini-*": {"price": {"input": 1, "output": 2}},
         },
     }

@@ -64,7 +64,9 @@ class Raw:
 OPENAI_USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
 
-def openai_completion(content: str = "Hello from the fake!", model: str = "fake-model", **extra: Any) -> dict[str, Any]:
+def openai_completion(
+    content: str = "Hello from the fake!", model: str = "fake-model", **extra: Any
+) -> dict[str, Any]:
     message = {"role": "assistant", "content": content, **extra}
     return {
         "id": "chatcmpl-fake",
@@ -76,7 +78,9 @@ def openai_completion(content: str = "Hello from the fake!", model: str = "fake-
     }
 
 
-def openai_chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: Any = "absent") -> bytes:
+def openai_chunk(
+    delta: dict[str, Any] | None, finish: str | None = None, usage: Any = "absent"
+) -> bytes:
     chunk: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
@@ -111,8 +115,12 @@ def anthropic_message(text: str = "Hello from Claude!") -> dict[str, Any]:
         "content": [{"type": "text", "text": text}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": 20, "output_tokens": 5, "cache_read_input_tokens": 4,
-                  "cache_creation_input_tokens": 2},  # fmt: skip
+        "usage": {
+            "input_tokens": 20,
+            "output_tokens": 5,
+            "cache_read_input_tokens": 4,
+            "cache_creation_input_tokens": 2,
+        },
     }
 
 
@@ -123,28 +131,65 @@ def anthropic_event(name: str, data: dict[str, Any]) -> bytes:
 def anthropic_stream(words: list[str]) -> list[bytes]:
     start = anthropic_message("")
     start["content"] = []
-    start["usage"] = {"input_tokens": 20, "output_tokens": 1, "cache_read_input_tokens": 4,
-                      "cache_creation_input_tokens": 2}  # fmt: skip
+    start["usage"] = {
+        "input_tokens": 20,
+        "output_tokens": 1,
+        "cache_read_input_tokens": 4,
+        "cache_creation_input_tokens": 2,
+    }
     out = [anthropic_event("message_start", {"type": "message_start", "message": start})]
-    out.append(anthropic_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                       "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+    out.append(
+        anthropic_event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        )
+    )
     out.append(anthropic_event("ping", {"type": "ping"}))
     for w in words:
-        out.append(anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                           "delta": {"type": "text_delta", "text": w}}))  # fmt: skip
+        out.append(
+            anthropic_event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": w},
+                },
+            )
+        )
     out.append(anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    out.append(anthropic_event("message_delta", {"type": "message_delta",
-                                                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                                 "usage": {"output_tokens": 5}}))  # fmt: skip
+    out.append(
+        anthropic_event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 5},
+            },
+        )
+    )
     out.append(anthropic_event("message_stop", {"type": "message_stop"}))
     return out
 
 
 def gemini_response(text: str = "Hello from Gemini!") -> dict[str, Any]:
     return {
-        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 4, "thoughtsTokenCount": 2,
-                          "totalTokenCount": 15},  # fmt: skip
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": text}]},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": 9,
+            "candidatesTokenCount": 4,
+            "thoughtsTokenCount": 2,
+            "totalTokenCount": 15,
+        },
         "modelVersion": "gemini-fake",
     }
 
@@ -152,7 +197,9 @@ def gemini_response(text: str = "Hello from Gemini!") -> dict[str, Any]:
 def gemini_stream(words: list[str]) -> list[bytes]:
     out = []
     for i, w in enumerate(words):
-        event: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": w}]}, "index": 0}]}
+        event: dict[str, Any] = {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": w}]}, "index": 0}]
+        }
         if i == len(words) - 1:
             event["candidates"][0]["finishReason"] = "STOP"
             event["usageMetadata"] = gemini_response()["usageMetadata"]
@@ -182,7 +229,7 @@ class FakeUpstream:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        self.port = site._server.sockets[0].getsockname()[1]
         return self
 
     async def close(self) -> None:
@@ -192,7 +239,9 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(
-            Recorded(request.method, request.path, request.query_string, dict(request.headers), body)
+            Recorded(
+                request.method, request.path, request.query_string, dict(request.headers), body
+            )
         )
         behaviour = self.script.popleft() if self.script else self._default(request.path, body)
         return await self._play(request, behaviour)
@@ -204,15 +253,24 @@ class FakeUpstream:
             parsed = {}
         stream = isinstance(parsed, dict) and parsed.get("stream") is True
         if path.endswith("/messages"):
-            return Sse(anthropic_stream(["Hello", " from", " Claude!"])) if stream else Json(anthropic_message())
+            return (
+                Sse(anthropic_stream(["Hello", " from", " Claude!"]))
+                if stream
+                else Json(anthropic_message())
+            )
         if ":streamGenerateContent" in path:
             return Sse(gemini_stream(["Hello", " from", " Gemini!"]))
         if ":generateContent" in path:
             return Json(gemini_response())
         if path.endswith("/embeddings"):
-            return Json({"object": "list", "model": parsed.get("model"),
-                         "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                         "usage": {"prompt_tokens": 3, "total_tokens": 3}})  # fmt: skip
+            return Json(
+                {
+                    "object": "list",
+                    "model": parsed.get("model"),
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                }
+            )
         if path.endswith("/audio/speech"):
             return Raw(b"ID3fake-mp3-bytes" * 100, "audio/mpeg")
         if path.endswith("/audio/transcriptions"):
@@ -226,10 +284,15 @@ class FakeUpstream:
         if isinstance(b, Json):
             if b.delay:
                 await asyncio.sleep(b.delay)
-            return web.Response(status=b.status, body=orjson.dumps(b.body),
-                                headers={"Content-Type": "application/json", **b.headers})  # fmt: skip
+            return web.Response(
+                status=b.status,
+                body=orjson.dumps(b.body),
+                headers={"Content-Type": "application/json", **b.headers},
+            )
         if isinstance(b, Raw):
-            return web.Response(status=b.status, body=b.body, headers={"Content-Type": b.content_type})
+            return web.Response(
+                status=b.status, body=b.body, headers={"Content-Type": b.content_type}
+            )
         if isinstance(b, Hang):
             await asyncio.sleep(3600)
         if isinstance(b, Reset):
@@ -237,7 +300,9 @@ class FakeUpstream:
             request.transport.abort()
             return web.Response()
         assert isinstance(b, Sse), b
-        response = web.StreamResponse(status=b.status, headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(
+            status=b.status, headers={"Content-Type": "text/event-stream"}
+        )
         await response.prepare(request)
         self.open_streams += 1
         try:

@@ -33,7 +33,9 @@ def ledger_rows(relay: Relay) -> list[dict]:
         conn.close()
 
 
-async def test_chat_json_reaches_upstream_with_its_own_key(client, relay: Relay, fake: FakeUpstream):
+async def test_chat_json_reaches_upstream_with_its_own_key(
+    client, relay: Relay, fake: FakeUpstream
+):
     r = await client.chat.completions.create(model="gpt-4o-mini", messages=HI)
     assert r.choices[0].message.content == "Hello from the fake!"
     sent = fake.requests[-1]
@@ -46,18 +48,31 @@ async def test_chat_json_reaches_upstream_with_its_own_key(client, relay: Relay,
 
 async def test_untouched_body_is_forwarded_byte_for_byte(relay: Relay, fake: FakeUpstream, http):
     raw = b'{"model":"gpt-4o-mini",  "messages":[{"role":"user","content":"hi"}], "x_unknown": [1, 2]}'
-    async with http.post(relay.url + "/v1/chat/completions", data=raw,
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        data=raw,
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         assert r.status == 200
     assert fake.requests[-1].body == raw
 
 
-async def test_stream_is_byte_identical_when_client_asked_for_usage(relay: Relay, fake: FakeUpstream, http):
+async def test_stream_is_byte_identical_when_client_asked_for_usage(
+    relay: Relay, fake: FakeUpstream, http
+):
     chunks = openai_stream(["Hel", "lo", " world"], with_usage=True)
     fake.push(Sse(chunks))
-    body = {"model": "gpt-4o-mini", "messages": HI, "stream": True, "stream_options": {"include_usage": True}}
-    async with http.post(relay.url + "/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": HI,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         assert r.headers["Cache-Control"] == "no-cache"
         received = await r.read()
@@ -66,8 +81,11 @@ async def test_stream_is_byte_identical_when_client_asked_for_usage(relay: Relay
 
 async def test_injected_usage_chunk_is_withheld_but_metered(relay: Relay, fake: FakeUpstream, http):
     body = {"model": "gpt-4o-mini", "messages": HI, "stream": True}
-    async with http.post(relay.url + "/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         received = await r.read()
     sent = fake.requests[-1].json()
     assert sent["stream_options"] == {"include_usage": True}  # injected
@@ -80,27 +98,48 @@ async def test_injected_usage_chunk_is_withheld_but_metered(relay: Relay, fake: 
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (11, 7, 0)
 
 
-async def test_stream_split_at_odd_boundaries_keeps_events_intact(relay: Relay, fake: FakeUpstream, http):
+async def test_stream_split_at_odd_boundaries_keeps_events_intact(
+    relay: Relay, fake: FakeUpstream, http
+):
     whole = b"".join(openai_stream(["a", "b", "c"], with_usage=True))
     pieces = [whole[i : i + 7] for i in range(0, len(whole), 7)]  # events cut mid-line
     fake.push(Sse(pieces))
-    body = {"model": "gpt-4o-mini", "messages": HI, "stream": True, "stream_options": {"include_usage": True}}
-    async with http.post(relay.url + "/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": HI,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         assert await r.read() == whole
 
 
 async def test_sdk_stream_tools_and_vision(client, fake: FakeUpstream):
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ]
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+    }
     fake.push(Json(openai_completion(None, tool_calls=[call])))
     r = await client.chat.completions.create(model="gpt-4o-mini", messages=HI, tools=tools)
     assert r.choices[0].message.tool_calls[0].function.arguments == '{"city":"Paris"}'
     assert fake.requests[-1].json()["tools"] == tools
-    vision = [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-    ]}]  # fmt: skip
+    vision = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            ],
+        }
+    ]
     stream = await client.chat.completions.create(model="gpt-4o-mini", messages=vision, stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "Hello from the fake!"
@@ -118,13 +157,17 @@ async def test_models_list_and_embeddings(client, fake: FakeUpstream):
 async def test_models_list_respects_the_key_allowlist(relay: Relay, http):
     secret = relay.new_key("restricted", models=["gpt-4o*"])
     await _wait_for_key(relay, http, secret)
-    async with http.get(relay.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}) as r:
+    async with http.get(
+        relay.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}
+    ) as r:
         ids = [m["id"] for m in (await r.json())["data"]]
     assert ids == ["gpt-4o-mini"]
 
 
 async def test_model_map_and_params_rules(client, fake: FakeUpstream):
-    await client.chat.completions.create(model="gpt-5-alias", messages=HI, max_tokens=5, temperature=0.5)
+    await client.chat.completions.create(
+        model="gpt-5-alias", messages=HI, max_tokens=5, temperature=0.5
+    )
     sent = fake.requests[-1].json()
     assert sent["model"] == "gpt-5-2025-08-07"
     assert sent["max_completion_tokens"] == 5 and "max_tokens" not in sent
@@ -134,19 +177,35 @@ async def test_model_map_and_params_rules(client, fake: FakeUpstream):
 async def test_request_id_is_echoed_or_made(relay: Relay, http):
     auth = {"Authorization": f"Bearer {relay.key}"}
     body = {"model": "gpt-4o-mini", "messages": HI}
-    async with http.post(relay.url + "/v1/chat/completions", json=body, headers={**auth, "x-request-id": "abc-123:x"}) as r:
+    async with http.post(
+        relay.url + "/v1/chat/completions", json=body, headers={**auth, "x-request-id": "abc-123:x"}
+    ) as r:
         assert r.headers["x-request-id"] == "abc-123:x"
-    async with http.post(relay.url + "/v1/chat/completions", json=body, headers={**auth, "x-request-id": "bad id\u00e9"}) as r:
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json=body,
+        headers={**auth, "x-request-id": "bad id\u00e9"},
+    ) as r:
         assert r.headers["x-request-id"] != "bad id\u00e9" and len(r.headers["x-request-id"]) == 32
     async with http.get(relay.url + "/nope") as r:
         assert r.status == 404
 
 
-async def test_only_allowed_client_headers_reach_the_upstream(relay: Relay, fake: FakeUpstream, http):
-    headers = {"Authorization": f"Bearer {relay.key}", "OpenAI-Beta": "assistants=v2",
-               "Cookie": "session=1", "X-Forwarded-For": "1.2.3.4", "x-api-key": "sk-other"}  # fmt: skip
-    async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
-                         headers=headers) as r:  # fmt: skip
+async def test_only_allowed_client_headers_reach_the_upstream(
+    relay: Relay, fake: FakeUpstream, http
+):
+    headers = {
+        "Authorization": f"Bearer {relay.key}",
+        "OpenAI-Beta": "assistants=v2",
+        "Cookie": "session=1",
+        "X-Forwarded-For": "1.2.3.4",
+        "x-api-key": "sk-other",
+    }
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": HI},
+        headers=headers,
+    ) as r:
         assert r.status == 200
     sent = {k.lower(): v for k, v in fake.requests[-1].headers.items()}
     assert sent["openai-beta"] == "assistants=v2"
@@ -155,7 +214,9 @@ async def test_only_allowed_client_headers_reach_the_upstream(relay: Relay, fake
 
 async def test_x_api_key_auth_and_authorization_wins(relay: Relay, http):
     body = {"model": "gpt-4o-mini", "messages": HI}
-    async with http.post(relay.url + "/v1/chat/completions", json=body, headers={"x-api-key": relay.key}) as r:
+    async with http.post(
+        relay.url + "/v1/chat/completions", json=body, headers={"x-api-key": relay.key}
+    ) as r:
         assert r.status == 200
     both = {"Authorization": "Bearer sk-" + "x" * 44, "x-api-key": relay.key}
     async with http.post(relay.url + "/v1/chat/completions", json=body, headers=both) as r:
@@ -165,7 +226,9 @@ async def test_x_api_key_auth_and_authorization_wins(relay: Relay, http):
 async def test_other_openai_endpoints_pass_through(client, fake: FakeUpstream, relay: Relay, http):
     speech = await client.audio.speech.create(model="tts-1", voice="alloy", input="hello")
     assert speech.content == b"ID3fake-mp3-bytes" * 100
-    tr = await client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFFfakewav", "audio/wav"))
+    tr = await client.audio.transcriptions.create(
+        model="whisper-1", file=("a.wav", b"RIFFfakewav", "audio/wav")
+    )
     assert tr.text == "hello world"
     assert fake.requests[-1].path == "/v1/audio/transcriptions"
     assert b"RIFFfakewav" in fake.requests[-1].body
@@ -176,22 +239,35 @@ async def test_other_openai_endpoints_pass_through(client, fake: FakeUpstream, r
     img = await client.images.generate(model="dall-e-3", prompt="a cat")
     assert img.data[0].url.endswith("x.png")
     assert [r.path for r in fake.requests] == [
-        "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/moderations", "/v1/images/generations"
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/moderations",
+        "/v1/images/generations",
     ]
 
 
 async def test_openai_only_endpoints_are_not_routed_to_other_kinds(relay: Relay, http):
-    async with http.post(relay.url + "/v1/embeddings", json={"model": "claude-x", "input": "a"},
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    async with http.post(
+        relay.url + "/v1/embeddings",
+        json={"model": "claude-x", "input": "a"},
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         assert r.status == 404
         assert (await r.json())["error"]["code"] == "model_not_found"
 
 
 async def test_upstream_4xx_is_passed_on_scrubbed(relay: Relay, fake: FakeUpstream, http):
     leak = f"bad request; key {UPSTREAM_KEY} at {fake.url}/v1"
-    fake.push(Json({"error": {"message": leak, "type": "invalid_request_error", "code": "bad"}}, status=400))
-    async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    fake.push(
+        Json(
+            {"error": {"message": leak, "type": "invalid_request_error", "code": "bad"}}, status=400
+        )
+    )
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": HI},
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         assert r.status == 400
         text = await r.text()
     assert UPSTREAM_KEY not in text and fake.url not in text and "bad request" in text
@@ -201,8 +277,11 @@ async def test_upstream_4xx_is_passed_on_scrubbed(relay: Relay, fake: FakeUpstre
 async def test_upstream_401_is_never_shown_and_retried(relay: Relay, fake: FakeUpstream, http):
     fake.push(Json({"error": {"message": f"Incorrect API key {UPSTREAM_KEY}"}}, status=401))
     fake.push(Json({"error": {"message": "still bad"}}, status=401))
-    async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
-                         headers={"Authorization": f"Bearer {relay.key}"}) as r:  # fmt: skip
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": HI},
+        headers={"Authorization": f"Bearer {relay.key}"},
+    ) as r:
         text = await r.text()
     assert UPSTREAM_KEY not in text and "Incorrect" not in text
     assert r.status in (502, 503)
@@ -222,7 +301,9 @@ async def _wait_for_key(relay: Relay, http: aiohttp.ClientSession, secret: str) 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 2.0
     while loop.time() < deadline:
-        async with http.get(relay.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}) as r:
+        async with http.get(
+            relay.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}
+        ) as r:
             if r.status == 200:
                 return
         await asyncio.sleep(0.05)
@@ -239,8 +320,11 @@ async def test_key_changes_reach_the_running_relay_within_two_seconds(relay: Rel
 
     body = {"model": "gpt-4o-mini", "messages": HI}
     for _ in range(40):
-        async with http.post(relay.url + "/v1/chat/completions", json=body,
-                             headers={"Authorization": f"Bearer {secret}"}) as r:  # fmt: skip
+        async with http.post(
+            relay.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as r:
             if r.status == 403:
                 assert (await r.json())["error"]["code"] == "key_disabled"
                 break
@@ -262,20 +346,38 @@ BAD_BODIES = [
     (b'{"model": 5, "messages": []}', 400, "invalid_request", "model"),
     (b'{"model": "' + b"m" * 300 + b'", "messages": []}', 400, "invalid_request", "model"),
     (b'{"model": "gpt-4o-mini", "messages": {}}', 400, "invalid_request", "messages"),
-    (b'{"model": "gpt-4o-mini", "messages": [], "stream": "yes"}', 400, "invalid_request", "stream"),
+    (
+        b'{"model": "gpt-4o-mini", "messages": [], "stream": "yes"}',
+        400,
+        "invalid_request",
+        "stream",
+    ),
     (b'{"model": "gpt-4o-mini", "messages": [], "n": 0}', 400, "invalid_request", "n"),
-    (b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 1.5}', 400, "invalid_request", "max_tokens"),
-    (b'{"model": "gpt-4o-mini", "messages": [], "max_completion_tokens": true}', 400, "invalid_request",
-     "max_completion_tokens"),  # fmt: skip
+    (
+        b'{"model": "gpt-4o-mini", "messages": [], "max_tokens": 1.5}',
+        400,
+        "invalid_request",
+        "max_tokens",
+    ),
+    (
+        b'{"model": "gpt-4o-mini", "messages": [], "max_completion_tokens": true}',
+        400,
+        "invalid_request",
+        "max_completion_tokens",
+    ),
     (b'{"model": "no-such-model", "messages": []}', 404, "model_not_found", "model"),
 ]
 
 
 @pytest.mark.parametrize(("raw", "status", "code", "param"), BAD_BODIES)
-async def test_bad_bodies_get_openai_shaped_errors(relay: Relay, fake: FakeUpstream, http, raw, status, code, param):
-    async with http.post(relay.url + "/v1/chat/completions", data=raw,
-                         headers={"Authorization": f"Bearer {relay.key}",
-                                  "Content-Type": "application/json"}) as r:  # fmt: skip
+async def test_bad_bodies_get_openai_shaped_errors(
+    relay: Relay, fake: FakeUpstream, http, raw, status, code, param
+):
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        data=raw,
+        headers={"Authorization": f"Bearer {relay.key}", "Content-Type": "application/json"},
+    ) as r:
         assert r.status == status
         error = (await r.json())["error"]
     assert error["code"] == code and error["param"] == param
@@ -296,16 +398,21 @@ async def test_bad_bodies_get_openai_shaped_errors(relay: Relay, fake: FakeUpstr
     ],
 )
 async def test_bad_keys_get_401(relay: Relay, fake: FakeUpstream, http, headers, code):
-    async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
-                         headers=headers) as r:  # fmt: skip
+    async with http.post(
+        relay.url + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": HI},
+        headers=headers,
+    ) as r:
         assert r.status == 401
         assert (await r.json())["error"]["code"] == code
     assert fake.requests == []
 
 
 async def test_key_in_query_string_is_ignored(relay: Relay, http):
-    async with http.post(relay.url + f"/v1/chat/completions?api_key={relay.key}&key={relay.key}",
-                         json={"model": "gpt-4o-mini", "messages": HI}) as r:  # fmt: skip
+    async with http.post(
+        relay.url + f"/v1/chat/completions?api_key={relay.key}&key={relay.key}",
+        json={"model": "gpt-4o-mini", "messages": HI},
+    ) as r:
         assert r.status == 401
 
 
@@ -321,15 +428,18 @@ async def test_key_state_refusals(relay: Relay, http):
     await relay.worker.svc.keys.reload()
     expected = {"expired": "key_expired", "disabled": "key_disabled", "model": "model_not_allowed"}
     for which, secret in secrets.items():
-        async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
-                             headers={"Authorization": f"Bearer {secret}"}) as r:  # fmt: skip
+        async with http.post(
+            relay.url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": HI},
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as r:
             assert r.status == 403
             assert (await r.json())["error"]["code"] == expected[which]
 
 
 async def test_body_limits_and_encodings(tmp_path, fake: FakeUpstream, http):
-    from tests.conftest import relay_dict, start_relay, write_config
     from edgeproxy import db
+    from tests.conftest import relay_dict, start_relay, write_config
 
     config = relay_dict(fake.url)
     config["max_request_body"] = "2KiB"
@@ -341,7 +451,9 @@ async def test_body_limits_and_encodings(tmp_path, fake: FakeUpstream, http):
     auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
     try:
         small = orjson.dumps({"model": "gpt-4o-mini", "messages": HI})
-        async with http.post(url, data=gzip.compress(small), headers={**auth, "Content-Encoding": "gzip"}) as r:
+        async with http.post(
+            url, data=gzip.compress(small), headers={**auth, "Content-Encoding": "gzip"}
+        ) as r:
             assert r.status == 200
         assert fake.requests[-1].body == small
         big = orjson.dumps({"model": "gpt-4o-mini", "messages": HI, "pad": "x" * 4000})
@@ -353,7 +465,9 @@ async def test_body_limits_and_encodings(tmp_path, fake: FakeUpstream, http):
             assert r.status == 413
         async with http.post(url, data=small, headers={**auth, "Content-Encoding": "br"}) as r:
             assert r.status == 415
-        async with http.post(url, data=b"\x1f\x8bnot-gzip", headers={**auth, "Content-Encoding": "gzip"}) as r:
+        async with http.post(
+            url, data=b"\x1f\x8bnot-gzip", headers={**auth, "Content-Encoding": "gzip"}
+        ) as r:
             assert r.status == 400
     finally:
         await worker.stop()
@@ -372,6 +486,9 @@ async def test_a_key_works_the_moment_it_is_created(relay: Relay, http):
     """The README's flow: KEY=$(edgeproxy keys create x), then a request at once."""
     for i in range(3):
         secret = relay.new_key(f"instant-{i}")
-        async with http.post(relay.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
-                             headers={"Authorization": f"Bearer {secret}"}) as r:  # fmt: skip
+        async with http.post(
+            relay.url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": HI},
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as r:
             assert r.status == 200
