@@ -11,6 +11,8 @@ URL or client-supplied string ever becomes a label.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -51,6 +53,17 @@ def render_multiprocess(path: str) -> bytes:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=path)
     return generate_latest(registry)
+
+
+@dataclass(slots=True)
+class _Children:
+    requests: Any
+    duration: Any
+    ttfb: Any
+    prompt: Any
+    completion: Any
+    cached: Any
+    cost: Any
 
 
 class Metrics:
@@ -95,6 +108,7 @@ class Metrics:
             "edgeproxy_upstream_healthy", "1 when the upstream is not ejected", ["upstream"],
             registry=r, multiprocess_mode="livemin",  # 0 as soon as one worker ejected it
         )  # fmt: skip
+        self._cache: dict[tuple[str, str, int], _Children] = {}
         self.key_requests = self.key_cost = None
         if per_key:
             self.key_requests = Counter(
@@ -119,23 +133,40 @@ class Metrics:
         cost_usd: float,
         key_name: str | None,
     ) -> None:
-        code = str(status)
-        self.requests.labels(model, upstream, code).inc()
-        self.duration.labels(model).observe(duration_s)
+        c = self._children(model, upstream, status)
+        c.requests.inc()
+        c.duration.observe(duration_s)
         if ttfb_s is not None:
-            self.ttfb.labels(model, upstream).observe(ttfb_s)
+            c.ttfb.observe(ttfb_s)
         if prompt:
-            self.tokens.labels(model, "prompt").inc(prompt)
+            c.prompt.inc(prompt)
         if completion:
-            self.tokens.labels(model, "completion").inc(completion)
+            c.completion.inc(completion)
         if cached:
-            self.tokens.labels(model, "cached").inc(cached)
+            c.cached.inc(cached)
         if cost_usd:
-            self.cost.labels(model).inc(cost_usd)
-        if self.key_requests is not None and key_name:
-            self.key_requests.labels(key_name, code).inc()
+            c.cost.inc(cost_usd)
+        if self.key_requests is not None and self.key_cost is not None and key_name:
+            self.key_requests.labels(key_name, str(status)).inc()
             if cost_usd:
                 self.key_cost.labels(key_name).inc(cost_usd)
+
+    def _children(self, model: str, upstream: str, status: int) -> _Children:
+        """The labelled series of one (model, upstream, status), looked up once: ``labels()``
+        takes a lock and builds a key every call, and label values are bounded anyway."""
+        key = (model, upstream, status)
+        children = self._cache.get(key)
+        if children is None:
+            children = self._cache[key] = _Children(
+                requests=self.requests.labels(model, upstream, str(status)),
+                duration=self.duration.labels(model),
+                ttfb=self.ttfb.labels(model, upstream),
+                prompt=self.tokens.labels(model, "prompt"),
+                completion=self.tokens.labels(model, "completion"),
+                cached=self.tokens.labels(model, "cached"),
+                cost=self.cost.labels(model),
+            )
+        return children
 
     def set_health(self, states: dict[str, bool]) -> None:
         for name, ok in states.items():

@@ -19,7 +19,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from edgeproxy import errors, inbound, keys, outbound, relay
-from edgeproxy.context import RequestContext, Services
+from edgeproxy.context import RequestContext, Services, new_id
 from edgeproxy.db import UsageRecord
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.limits import needs_limiter
@@ -38,7 +37,6 @@ from edgeproxy.streams import StreamError
 from edgeproxy.upstreams import UpstreamState
 from edgeproxy.usage import Usage, cost_usd, estimate_tokens
 
-access_log = logging.getLogger("edgeproxy.access")
 log = logging.getLogger("edgeproxy")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -54,17 +52,16 @@ def request_id(headers: Any) -> str:
     sent = headers.get("x-request-id")
     if sent and _REQUEST_ID.fullmatch(sent):
         return sent
-    return uuid.uuid4().hex
+    return new_id()
 
 
 async def handle(request: web.Request, svc: Services, endpoint: str, dialect: str) -> web.StreamResponse:
     rt = svc.ref.current  # read once: a reload mid-request does not change this request
-    loop = asyncio.get_running_loop()
     ctx = RequestContext(
         request_id=request_id(request.headers),
         endpoint=endpoint,
         dialect=dialect,  # type: ignore[arg-type]
-        started=loop.time(),
+        started=time.perf_counter(),
         ts=time.time(),
     )
     headers = {"x-request-id": ctx.request_id}
@@ -92,7 +89,7 @@ async def handle(request: web.Request, svc: Services, endpoint: str, dialect: st
         svc.tasks.discard(task)  # type: ignore[arg-type]
         svc.inflight -= 1
         svc.metrics.inflight.dec()
-        log_request(ctx, rt, svc, loop.time())
+        log_request(ctx, rt, svc, time.perf_counter())
 
 
 async def request_filter(
@@ -152,12 +149,17 @@ def _kinds(ctx: RequestContext) -> frozenset[str] | None:
 
 
 async def read_body(request: web.Request, rt: Runtime) -> bytes:
+    """The body, decoded and bounded by ``max_request_body`` as it arrives (a Content-Length
+    over it is refused before reading). Headers and body share one ``client_read``
+    deadline, counted from the request's first byte (``server.RelayProtocol``)."""
     limit = rt.config.max_request_body
     if request.content_length is not None and request.content_length > limit:
         raise errors.RequestTooLarge(f"request body is larger than {limit} bytes")
     reader = inbound.BodyReader(request.headers.get("Content-Encoding", ""), limit)
+    loop = asyncio.get_running_loop()
+    started = getattr(request.protocol, "request_started", 0.0) or loop.time()
     try:
-        async with asyncio.timeout(rt.config.timeouts.client_read):
+        async with asyncio.timeout_at(started + rt.config.timeouts.client_read):
             while chunk := await request.content.readany():
                 reader.feed(chunk)
     except TimeoutError:
@@ -471,12 +473,11 @@ def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> 
         cached_tokens=usage.cached, cost_usd=cost, estimated=estimated,
     )  # fmt: skip
     svc.ledger.record(record)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(orjson.dumps({
-            "ts": round(ctx.ts, 3), "request_id": ctx.request_id, "key": ctx.key.name,
-            "endpoint": ctx.endpoint, "model": ctx.model[:256], "upstream": ctx.upstream,
-            "status": ctx.status, "code": ctx.error_code or None, "attempts": ctx.attempts,
-            "latency_ms": record.latency_ms, "ttfb_ms": record.ttfb_ms,
-            "prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
-            "cached_tokens": usage.cached, "cost_usd": round(cost, 8), "estimated": estimated,
-        }).decode())  # fmt: skip
+    svc.access.write({
+        "ts": round(ctx.ts, 3), "request_id": ctx.request_id, "key": ctx.key.name,
+        "endpoint": ctx.endpoint, "model": ctx.model[:256], "upstream": ctx.upstream,
+        "status": ctx.status, "code": ctx.error_code or None, "attempts": ctx.attempts,
+        "latency_ms": record.latency_ms, "ttfb_ms": record.ttfb_ms,
+        "prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+        "cached_tokens": usage.cached, "cost_usd": round(cost, 8), "estimated": estimated,
+    })  # fmt: skip
