@@ -94,6 +94,25 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def git_state() -> str:
+    """The commit measured, and whether edgeproxy/ had uncommitted changes (a shared tree)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=targets.ROOT
+        )
+        return done.stdout.strip()
+
+    try:
+        head, dirty = (
+            git("rev-parse", "--short", "HEAD"),
+            git("status", "--porcelain", "--", "edgeproxy"),
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return head + (" + uncommitted edgeproxy/ changes" if dirty else "")
+
+
 def environment() -> dict:
     def out(cmd: list[str]) -> str:
         try:
@@ -108,7 +127,6 @@ def environment() -> dict:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    dirty = out(["git", "status", "--porcelain", "--", "edgeproxy"]) not in ("", "?")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpus": len(os.sched_getaffinity(0)),
@@ -116,8 +134,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "nginx": out(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": " ".join(out(["wrk", "-v"]).split()[:2]),
-        "git": out(["git", "rev-parse", "--short", "HEAD"])
-        + (" + uncommitted edgeproxy/ changes" if dirty else ""),
+        "git": git_state(),
         "nofile": slow_streams.raise_nofile(),
         "loadavg_before": loadavg(),
     }
