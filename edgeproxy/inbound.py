@@ -27,17 +27,20 @@ _STEP = 64 * 1024
 class BodyReader:
     """Accumulates a request body, decoding and bounding it as it arrives."""
 
-    __slots__ = ("_decoder", "_limit", "_parts", "_size")
+    __slots__ = ("_decoder", "_limit", "_parts", "_size", "_sniff")
 
     def __init__(self, encoding: str, limit: int) -> None:
         encoding = encoding.strip().lower()
+        self._decoder: Any = None
+        self._sniff: bytes | None = None
         if encoding in ("", "identity"):
-            self._decoder = None
+            pass
         elif encoding in ("gzip", "x-gzip"):
             self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
-            # RFC 9110 "deflate" is zlib-wrapped; some clients send raw deflate: accept both
-            self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
+            # RFC 9110 "deflate" is zlib-wrapped, but some clients send raw deflate: the
+            # first two bytes tell which (see _wrapped), so the decoder is made on them
+            self._sniff = b""
         else:
             raise errors.UnsupportedMediaType(
                 f"Content-Encoding '{encoding[:32]}' is not supported; use gzip, deflate or none"
@@ -47,6 +50,15 @@ class BodyReader:
         self._size = 0
 
     def feed(self, data: bytes) -> None:
+        if self._sniff is not None:
+            data = self._sniff + data
+            if len(data) < 2:
+                self._sniff = data
+                return
+            self._sniff = None
+            self._decoder = zlib.decompressobj(
+                zlib.MAX_WBITS if _wrapped(data) else -zlib.MAX_WBITS
+            )
         if self._decoder is None:
             self._add(data)
             return
@@ -67,6 +79,8 @@ class BodyReader:
             self._parts.append(data)
 
     def finish(self) -> bytes:
+        if self._sniff is not None:
+            raise errors.InvalidRequest("compressed request body is truncated")
         if self._decoder is not None:
             try:
                 self._add(self._decoder.flush())
@@ -77,6 +91,20 @@ class BodyReader:
         if len(self._parts) == 1:
             return self._parts[0]
         return b"".join(self._parts)
+
+
+def _wrapped(head: bytes) -> bool:
+    """Whether a deflate body starts with a zlib header (RFC 1950): compression method 8
+    in the low nibble, and the two header bytes a multiple of 31. A raw deflate stream's
+    first two bytes almost never pass both checks."""
+    return head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0
+
+
+# orjson parses JSON nested up to 1024 levels deep but serialises only up to 254 ("Recursion
+# limit reached", a TypeError), and the relay re-serialises every body it changes
+# (model_map, params rules, include_usage, translation): a deeper body would pass the
+# parser and fail later as a 500. It is refused here, as invalid JSON, whatever the path.
+MAX_DEPTH = 254
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -90,7 +118,24 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise errors.InvalidJson("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise errors.InvalidRequest("request body must be a JSON object")
+    # only a body with more brackets than MAX_DEPTH can be nested that deep: most are not
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise errors.InvalidJson(f"request body is nested deeper than {MAX_DEPTH} levels")
     return body
+
+
+def _deeper_than(body: dict[str, Any], limit: int) -> bool:
+    """Whether any value sits more than ``limit`` containers deep (the body is level 1).
+    Iterative, so a deep body cannot exhaust the Python stack here either."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def _positive_int(value: Any) -> bool:
@@ -106,13 +151,16 @@ def check_fields(body: dict[str, Any], *, needs_messages: bool) -> str:
     if model is None or model == "":
         raise errors.ModelRequired("'model' is required", param="model")
     if not isinstance(model, str) or len(model) > 256:
-        raise errors.InvalidRequest("'model' must be a string of at most 256 characters", param="model")
+        raise errors.InvalidRequest(
+            "'model' must be a string of at most 256 characters", param="model"
+        )
     if needs_messages:
         messages = body.get("messages")
         if messages is None:
             raise errors.MessagesRequired("'messages' is required", param="messages")
         if not isinstance(messages, list):
             raise errors.InvalidRequest("'messages' must be an array", param="messages")
+        _check_messages(messages)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise errors.InvalidRequest("'stream' must be a boolean", param="stream")
@@ -124,6 +172,32 @@ def check_fields(body: dict[str, Any], *, needs_messages: bool) -> str:
     if options is not None and not isinstance(options, dict):
         raise errors.InvalidRequest("'stream_options' must be an object", param="stream_options")
     return model
+
+
+def _check_messages(messages: list[Any]) -> None:
+    """The shape of each message, which the translators to other providers walk: an
+    object, ``content`` a string, an array or null, ``tool_calls`` an array of objects
+    whose ``function`` is an object. Anything inside a content part is left to the
+    upstream (the translators skip parts they do not know)."""
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise errors.InvalidRequest(f"'{where}' must be an object", param="messages")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise errors.InvalidRequest(
+                f"'{where}.content' must be a string or an array", param="messages"
+            )
+        calls = message.get("tool_calls")
+        if calls is None:
+            continue
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls
+        ):
+            raise errors.InvalidRequest(
+                f"'{where}.tool_calls' must be an array of objects with a 'function' object",
+                param="messages",
+            )
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
