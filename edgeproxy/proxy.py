@@ -55,7 +55,9 @@ def request_id(headers: Any) -> str:
     return new_id()
 
 
-async def handle(request: web.Request, svc: Services, endpoint: str, dialect: str) -> web.StreamResponse:
+async def handle(
+    request: web.Request, svc: Services, endpoint: str, dialect: str
+) -> web.StreamResponse:
     rt = svc.ref.current  # read once: a reload mid-request does not change this request
     ctx = RequestContext(
         request_id=request_id(request.headers),
@@ -291,7 +293,9 @@ async def attempt(
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
     try:
         async with asyncio.timeout_at(min(now + t.first_byte, deadline)) as timer:
-            async with svc.session.post(out.url, data=out.body, headers=out.headers, timeout=timeout) as resp:
+            async with svc.session.post(
+                out.url, data=out.body, headers=out.headers, timeout=timeout
+            ) as resp:
                 if resp.status >= 300:
                     return await _upstream_error(ctx, resp, rt, state, key, headers)
                 if resp.content_type == "text/event-stream":
@@ -306,13 +310,17 @@ async def attempt(
                         ctx, resp, upstream_kind=upstream.kind, translated=out.translated,
                         last=last, headers=headers,
                     )  # fmt: skip
-                return await relay.relay_bytes(ctx, request, resp, timer, idle_s=t.idle, headers=headers)
+                return await relay.relay_bytes(
+                    ctx, request, resp, timer, idle_s=t.idle, headers=headers
+                )
     except TimeoutError:
         return await _failed(ctx, "timeout", errors.UpstreamTimeout("upstream timed out"))
     except (aiohttp.ClientError, OSError) as exc:
         if isinstance(exc, aiohttp.ClientConnectionResetError) and ctx.client_gone:
             raise ClientGone from exc
-        message = "could not reach the upstream" if not ctx.committed else "upstream connection failed"
+        message = (
+            "could not reach the upstream" if not ctx.committed else "upstream connection failed"
+        )
         return await _failed(ctx, "connect_error", errors.UpstreamError(message))
     except StreamError as exc:
         return await _failed(ctx, 502, errors.UpstreamError(_scrub(rt, str(exc))))
@@ -343,16 +351,26 @@ async def _upstream_error(
     if status in KEY_REFUSED:
         # our own upstream key is bad: out of the rotation; the client never sees this body
         state.drop_key(key)
-        log.warning(orjson.dumps({"event": "upstream_key_refused", "upstream": state.name, "status": status}).decode())
-        raise AttemptFailed(status, errors.UpstreamError("upstream refused the relay's credentials"))
+        log.warning(
+            orjson.dumps(
+                {"event": "upstream_key_refused", "upstream": state.name, "status": status}
+            ).decode()
+        )
+        raise AttemptFailed(
+            status, errors.UpstreamError("upstream refused the relay's credentials")
+        )
     if status == 429:
         retry_after = _retry_after(resp.headers.get("Retry-After"))
         if retry_after:
             state.cool(rt.upstreams.clock() + retry_after)
-        raise AttemptFailed(429, errors.UpstreamRateLimited(retry_after=math.ceil(retry_after or 1)))
+        raise AttemptFailed(
+            429, errors.UpstreamRateLimited(retry_after=math.ceil(retry_after or 1))
+        )
     message = _scrub(rt, _error_message(body)) or f"upstream returned HTTP {status}"
     if status >= 500 or status in rt.config.retry.on:
-        raise AttemptFailed(status, errors.UpstreamError(f"upstream returned HTTP {status}: {message}"[:600]))
+        raise AttemptFailed(
+            status, errors.UpstreamError(f"upstream returned HTTP {status}: {message}"[:600])
+        )
     # other 4xx describe the client's request: pass them on, scrubbed, in the client's shape
     ctx.status = status
     ctx.error_code = f"upstream_{status}"
@@ -410,7 +428,9 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if 0 < seconds <= 3600 else None
 
 
-async def _gemini_images(req: outbound.ClientRequest, svc: Services) -> dict[str, tuple[str, bytes]]:
+async def _gemini_images(
+    req: outbound.ClientRequest, svc: Services
+) -> dict[str, tuple[str, bytes]]:
     from edgeproxy.image_fetch import ImageFetchError, fetch_image
 
     body = req.body or {}
@@ -425,7 +445,9 @@ async def _gemini_images(req: outbound.ClientRequest, svc: Services) -> dict[str
     return found
 
 
-def fail_to_proxy(ctx: RequestContext, exc: errors.ProxyError, headers: dict[str, str]) -> web.StreamResponse:
+def fail_to_proxy(
+    ctx: RequestContext, exc: errors.ProxyError, headers: dict[str, str]
+) -> web.StreamResponse:
     """Before the commit point: the error JSON. After it the stream was already ended."""
     if ctx.response is not None:
         return ctx.response

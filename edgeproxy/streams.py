@@ -104,6 +104,9 @@ class PassThrough:
         kept: list[bytes] = []
         changed = False
         for event in sse.split(complete):
+            if self.content_seen and self._plain(event):
+                kept.append(event)  # nothing to learn from it: relay without parsing
+                continue
             if not self._read_event(event):
                 changed = True  # withheld
                 continue
@@ -113,6 +116,15 @@ class PassThrough:
                 event = scrubbed
             kept.append(event)
         return b"".join(kept) if changed else complete
+
+    def _plain(self, event: bytes) -> bool:
+        """After the commit point, an event that holds no usage object, no error and no end
+        marker needs no parsing (a whole stream often arrives in one read)."""
+        if sse.has_object(event, b"usage") or b'"error"' in event:
+            return False
+        if self.flavor == "anthropic":
+            return b"message_stop" not in event
+        return not event.startswith(b"data: [DONE]")
 
     def _read_event(self, event: bytes) -> bool:
         """Update state from one event; False when the event must be withheld."""

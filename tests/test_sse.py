@@ -1,0 +1,125 @@
+"""sse.py and streams.PassThrough without sockets: every split of a stream, byte by byte."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeproxy import sse
+from edgeproxy.streams import PassThrough
+from tests.fakes import OPENAI_USAGE, anthropic_stream, openai_stream
+
+EVENTS = [
+    b"data: one\n\n",
+    b"event: x\ndata: two\ndata: lines\n\n",
+    b": keep-alive\n\n",
+    b"data: [DONE]\n\n",
+]
+
+
+def scan(pieces: list[bytes]) -> tuple[list[bytes], bytes]:
+    scanner = sse.SSEScanner()
+    events = [e for piece in pieces for e in scanner.feed(piece)]
+    return events, scanner.flush()
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_scanner_finds_the_same_events_at_every_split(newline: bytes):
+    events = [e.replace(b"\n", newline) for e in EVENTS]
+    whole = b"".join(events)
+    for cut in range(len(whole) + 1):
+        for cut2 in range(cut, len(whole) + 1, 7):
+            got, tail = scan([whole[:cut], whole[cut:cut2], whole[cut2:]])
+            assert b"".join(got) == whole and tail == b""
+            # a CR at the very end of a piece may be the start of CRLF: never a boundary on its own
+            assert got == events, (cut, cut2)
+
+
+def test_scanner_one_byte_at_a_time_and_unterminated_tail():
+    whole = b"".join(EVENTS) + b"data: partial"
+    got, tail = scan([whole[i : i + 1] for i in range(len(whole))])
+    assert got == EVENTS and tail == b"data: partial"
+
+
+def test_complete_len_agrees_with_split():
+    whole = b"".join(EVENTS)
+    for end in range(len(whole) + 1):
+        data = whole[:end]
+        cut = sse.complete_len(data)
+        assert b"".join(sse.split(data[:cut])) == data[:cut]
+        assert sse.split(data[cut:]) == []  # nothing complete is left behind
+    assert sse.complete_len(b"data: no boundary") == 0
+
+
+def test_fields_and_comments():
+    assert sse.fields(b'event: message_start\ndata: {"a":1}\n\n') == ("message_start", b'{"a":1}')
+    assert sse.fields(b"data:x\ndata: y\n\n") == ("", b"x\ny")
+    assert sse.fields(b": ping\n\n") == ("", b"")
+    assert sse.is_comment_only(b": ping\n\n") and not sse.is_comment_only(b"data: 1\n\n")
+
+
+def test_has_object_ignores_null_usage():
+    assert not sse.has_object(b'{"usage":null}', b"usage")
+    assert sse.has_object(b'{"usage": {"prompt_tokens": 1}}', b"usage")
+    assert sse.has_object(b'{"usage":null,"x":{"usage" :\n{}}}', b"usage")
+
+
+def run(flt: PassThrough, pieces: list[bytes]) -> bytes:
+    out = b"".join(flt.feed(p) for p in pieces)
+    return out + flt.finish()
+
+
+def test_passthrough_is_byte_identical_at_every_split():
+    chunks = openai_stream(["Hel", "lo"], with_usage=True)
+    whole = b"".join(chunks)
+    for cut in range(len(whole) + 1):
+        flt = PassThrough("openai")
+        assert run(flt, [whole[:cut], whole[cut:]]) == whole
+        assert flt.content_seen and flt.done
+        assert (flt.usage.prompt, flt.usage.completion) == (
+            OPENAI_USAGE["prompt_tokens"],
+            OPENAI_USAGE["completion_tokens"],
+        )
+
+
+def test_passthrough_hands_back_the_same_chunk_objects_after_content():
+    chunks = openai_stream(["a", "b", "c"], with_usage=False)
+    flt = PassThrough("openai")
+    outs = [flt.feed(c) for c in chunks]
+    assert flt.content_seen
+    assert all(out is chunk for out, chunk in zip(outs[2:], chunks[2:], strict=True))
+
+
+def test_withheld_usage_chunk_at_every_split():
+    chunks = openai_stream(["x", "y"], with_usage=True)
+    usage_chunk = chunks[-2]
+    whole = b"".join(chunks)
+    expected = whole.replace(usage_chunk, b"")
+    for cut in range(len(whole) + 1):
+        flt = PassThrough("openai", withhold_usage=True)
+        assert run(flt, [whole[:cut], whole[cut:]]) == expected, cut
+        assert flt.usage is not None and flt.usage.prompt == OPENAI_USAGE["prompt_tokens"]
+
+
+def test_anthropic_passthrough_reads_usage_and_the_end():
+    events = anthropic_stream(["Hi", " there"])
+    whole = b"".join(events)
+    for cut in range(0, len(whole) + 1, 3):
+        flt = PassThrough("anthropic")
+        assert run(flt, [whole[:cut], whole[cut:]]) == whole
+        assert flt.content_seen and flt.done
+        assert (flt.usage.prompt, flt.usage.completion, flt.usage.cached) == (26, 5, 4)
+
+
+def test_error_events_are_scrubbed_and_end_the_stream():
+    secret = b"sk-upstream-secret-123456"
+    chunks = openai_stream(["a"], with_usage=False)[:2]
+    error = b'data: {"error": {"message": "bad key ' + secret + b'"}}\n\n'
+    flt = PassThrough("openai", secrets=(secret,))
+    out = run(flt, [*chunks, error])
+    assert secret not in out and b"[redacted]" in out and flt.done
+
+
+def test_an_error_before_content_is_reported_not_relayed_as_content():
+    flt = PassThrough("openai")
+    flt.feed(b'data: {"error": {"message": "overloaded"}}\n\n')
+    assert flt.error == "overloaded" and not flt.content_seen
