@@ -98,8 +98,11 @@ async def request_filter(
     ctx: RequestContext, request: web.Request, rt: Runtime, svc: Services
 ) -> outbound.ClientRequest:
     """Admission and the client's body. Raising refuses the request before any upstream."""
-    if svc.inflight > rt.config.max_inflight:
-        raise errors.ServerOverloaded(f"more than {rt.config.max_inflight} requests in flight")
+    # max_inflight is per node (SPEC §2): each worker admits its share, as it does of
+    # max_connections; SO_REUSEPORT spreads connections evenly enough, and a node-wide
+    # count would cost an IPC round trip per request.
+    if svc.inflight > math.ceil(rt.config.max_inflight / rt.config.workers):
+        raise errors.ServerOverloaded("too many requests in flight; retry later")
     ctx.key = await keys.authenticate(request.headers, svc.keys)
     keys.check_state(ctx.key)
     raw = await read_body(request, rt)

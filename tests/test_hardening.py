@@ -737,10 +737,14 @@ async def test_a_client_that_stops_reading_holds_a_bounded_buffer_and_is_cut_aft
 # --- load shedding ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("max_inflight", "workers"),
+    [(2, 1), (4, 2)],  # per node: each of 2 workers admits half
+)
 async def test_max_inflight_answers_503_server_overloaded_at_once(
-    make_relay: MakeRelay, fake: FakeUpstream, http
+    make_relay: MakeRelay, fake: FakeUpstream, http, max_inflight: int, workers: int
 ):
-    relay = await make_relay(max_inflight=2)
+    relay = await make_relay(max_inflight=max_inflight, workers=workers)
     fake.push(Hang(), Hang())
     auth = {"Authorization": f"Bearer {relay.key}"}
     body = {"model": "gpt-4o-mini", "messages": HI}
