@@ -196,13 +196,14 @@ class RelayProtocol(web.RequestHandler):
     3. ``on_close``: called once when the connection ends (``ListenSite`` counts them).
     """
 
-    __slots__ = ("_read_timer", "client_read_s", "on_close", "request_started")
+    __slots__ = ("_answered_at", "_read_timer", "client_read_s", "on_close", "request_started")
 
     def __init__(self, manager: web.Server, *, client_read_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.client_read_s = client_read_s
         self.on_close: Callable[[], None] | None = None
         self.request_started = 0.0
+        self._answered_at = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -237,8 +238,18 @@ class RelayProtocol(web.RequestHandler):
 
     def _read_timeout(self) -> None:
         self._read_timer = None
-        if not self._request_in_progress:  # headers still incomplete: nothing to answer
-            self.force_close()
+        if self._request_in_progress or self.request_started < self._answered_at:
+            # a handler runs (read_body keeps the deadline), or the timer was armed by body
+            # bytes that came before their handler started and that request is answered:
+            # the connection is idle between requests, which client_keepalive governs
+            return
+        self.force_close()  # a request's headers are still incomplete: nothing to answer
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        self._answered_at = self._loop.time()
+        return await super().finish_response(request, resp, start_time)
 
     def handle_error(
         self,
@@ -277,13 +288,13 @@ class RelayProtocol(web.RequestHandler):
 class RelayServer(web.Server):
     """``web.Server`` whose connections are ``RelayProtocol``s."""
 
-    def __init__(self, handler: Any, *, client_read_s: float, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, client_read: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self.client_read_s = client_read_s
+        self.client_read = client_read  # read per connection: SIGHUP reaches new ones
 
     def __call__(self) -> RelayProtocol:
         return RelayProtocol(
-            self, loop=self._loop, client_read_s=self.client_read_s, **self._kwargs
+            self, loop=self._loop, client_read_s=self.client_read(), **self._kwargs
         )
 
 
@@ -292,9 +303,11 @@ class RelayRunner(web.AppRunner):
     app; this builds the same one with our protocol (the app's handler, request factory and
     the runner's keyword arguments are carried over)."""
 
-    def __init__(self, app: web.Application, *, client_read_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, *, client_read: Callable[[], float], **kwargs: Any
+    ) -> None:
         super().__init__(app, **kwargs)
-        self.client_read_s = client_read_s
+        self.client_read = client_read
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
@@ -302,7 +315,7 @@ class RelayRunner(web.AppRunner):
             _json_errors(plain.request_handler),
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
-            client_read_s=self.client_read_s,
+            client_read=self.client_read,
             **plain._kwargs,
         )
 
@@ -604,7 +617,8 @@ class Worker:
         t = self.config.timeouts
         self.runner = RelayRunner(
             build_app(self.svc),
-            client_read_s=t.client_read,  # header deadline (RelayProtocol); SIGHUP: new conns
+            # the header deadline (RelayProtocol), as SIGHUP last set it
+            client_read=lambda: self.svc.ref.current.config.timeouts.client_read,
             handle_signals=False,
             access_log=None,  # we write our own, with no secrets and no query strings
             handler_cancellation=True,  # a client that leaves cancels its upstream request

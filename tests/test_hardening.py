@@ -614,6 +614,32 @@ async def test_an_idle_kept_alive_connection_is_governed_by_client_keepalive(
         writer.close()
 
 
+async def test_a_big_body_does_not_leave_a_header_deadline_behind(make_relay: MakeRelay):
+    """A body big enough to arrive in several reads may come before its handler starts;
+    the header timer those bytes arm must not close the connection once it idles between
+    requests (client_keepalive governs that, not client_read)."""
+    relay = await make_relay(timeouts={"client_read": "300ms", "client_keepalive": "5s"})
+    body = orjson.dumps(
+        {"model": "gpt-4o-mini", "messages": HI, "pad": "x" * 900_000}
+    )  # under aiohttp's 1 MiB ResourceWarning
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nAuthorization: Bearer "
+        + relay.key.encode()
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        for _ in range(3):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            await reader.readexactly(int(split_response(head)[1]["content-length"]))
+            await asyncio.sleep(0.6)  # idle: twice client_read
+    finally:
+        writer.close()
+
+
 async def test_headers_and_body_share_one_client_read_deadline(
     make_relay: MakeRelay, fake: FakeUpstream
 ):
