@@ -93,7 +93,11 @@ async def relay_json(
         if chat or not raw:
             raise AttemptFailed("empty_response", errors.UpstreamError("upstream sent no body"))
         return _respond(ctx, raw, resp.content_type, headers)  # e.g. a JSON array: relay it
-    body, usage = _json_to_client(ctx, parsed, upstream_kind, translated)
+    try:
+        body, usage = _json_to_client(ctx, parsed, upstream_kind, translated)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError):
+        # fields of the wrong shape: the upstream's fault, and worth another try
+        raise AttemptFailed(502, errors.UpstreamError("upstream sent a malformed answer")) from None
     as_openai = body if ctx.dialect == "openai" else _anthropic_as_openai(body)
     if chat and not last and empty_chat(as_openai):
         raise AttemptFailed(

@@ -106,6 +106,11 @@ def _secrets(config: Config) -> tuple[str, ...]:
         if host and host not in ("localhost",) and len(host) > 3:
             found.add(host)
         found.update(v for v in u.headers.values() if len(v) >= 8)
+    # JSON may escape "/" as "\/" (PHP's json_encode does), and a message quoting such
+    # JSON carries it escaped once more: scrub those spellings too
+    slashed = [f for f in found if "/" in f]
+    found.update(f.replace("/", "\\/") for f in slashed)
+    found.update(f.replace("/", "\\\\/") for f in slashed)
     # longest first, so a URL is replaced whole before its host is
     return tuple(sorted(found, key=len, reverse=True))
 

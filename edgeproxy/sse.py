@@ -81,11 +81,24 @@ def complete_len(data: bytes) -> int:
     Three ``rfind`` calls in C: cheap enough to run on every chunk of a stream.
     """
     ends = (data.rfind(b"\n\n"), data.rfind(b"\n\r\n"), data.rfind(b"\r\r"))
-    return max(
+    end = max(
         ends[0] + 2 if ends[0] >= 0 else 0,
         ends[1] + 3 if ends[1] >= 0 else 0,
         ends[2] + 2 if ends[2] >= 0 else 0,
     )
+    if end == 0:
+        return 0
+    # Within a run of line breaks ("\n\n\n") boundaries do not overlap: let the same
+    # pattern as split() decide where the last one ends, so the two agree to the byte.
+    start, stop = end - 1, end
+    while start > 0 and data[start - 1] in b"\r\n":
+        start -= 1
+    while stop < len(data) and data[stop] in b"\r\n":
+        stop += 1
+    last = end
+    for match in _BOUNDARY.finditer(data, start, stop):
+        last = match.end()
+    return last
 
 
 def split(data: bytes) -> list[bytes]:

@@ -307,6 +307,8 @@ class Translated:
                 chunks = self._to_openai.feed(obj)
         except anthropic.UpstreamStreamError as exc:
             raise StreamError(str(exc)) from None
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError):
+            raise StreamError("upstream sent a malformed event") from None
         self._emit(chunks, out)
         self._take_usage()
 

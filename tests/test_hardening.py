@@ -926,15 +926,11 @@ async def _wait_healthy(
 # --- found, not fixed here -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a malformed upstream body crashes the response translators (relay.py / "
-    "dialects): the client gets 500 internal_error instead of 502 upstream_error",
-)
 async def test_a_malformed_upstream_answer_is_a_502_not_a_500(
     relay: Relay, fake: FakeUpstream, http
 ):
-    fake.push(Json({"type": "message", "content": 5, "usage": 1}))
+    # malformed on every try (a malformed answer is retried like any upstream failure)
+    fake.push(*[Json({"type": "message", "content": 5, "usage": 1})] * 3)
     async with http.post(
         relay.url + CHAT,
         json={"model": "claude-x", "messages": HI},

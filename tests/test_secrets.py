@@ -305,12 +305,6 @@ async def wait_healthy(url: str, proc: subprocess.Popen[bytes], err: Path) -> No
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scrub() matches secrets byte for byte: an upstream 4xx body with JSON-escaped "
-    "slashes (PHP's json_encode default) keeps the base_url path and port; only the host "
-    "and the key are redacted (runtime._secrets needs the escaped forms)",
-)
 async def test_an_upstream_error_with_escaped_slashes_names_no_upstream_url(
     tmp_path: Path, fake: FakeUpstream
 ):
