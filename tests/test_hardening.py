@@ -923,7 +923,7 @@ async def _wait_healthy(
         await asyncio.sleep(0.1)
 
 
-# --- found, not fixed here -------------------------------------------------------------
+# --- upstream answers -------------------------------------------------------------------
 
 
 async def test_a_malformed_upstream_answer_is_a_502_not_a_500(
