@@ -294,8 +294,10 @@ async def client(
         n += 1
         req = await one_request(http, run, url, key, f"c{i}-{n}", rng)
         run.reqs.append(req)
-        if req.outcome in ("connect_refused", "read_error") or req.status == 429:
-            await asyncio.sleep(0.1 + rng.random() * 0.2)  # the relay is restarting, or no budget
+        if req.outcome in ("connect_refused", "read_error"):
+            await asyncio.sleep(0.1 + rng.random() * 0.2)  # the relay is restarting
+        elif req.status == 429:
+            await asyncio.sleep(0.5 + rng.random())  # no budget left: ask again now and then
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -306,6 +308,7 @@ async def soak(plan: Plan, workdir: Path) -> dict[str, Any]:
     from edgeproxy import db
 
     raise_nofile()
+    edgeproxy_at = revision()  # what the relay processes load (edits during a run would not show)
     port, upstream_port = free_port(), free_port()
     config_path = workdir / "relay.yaml"
     config_path.write_text(relay_config(port, upstream_port))
@@ -368,7 +371,7 @@ async def soak(plan: Plan, workdir: Path) -> dict[str, Any]:
             upstream.kill()
             out, _ = upstream.communicate(timeout=10)
     injected = orjson.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    return report(run, db_path, budgeted, exit_code, injected, relay)
+    return {**report(run, db_path, budgeted, exit_code, injected, relay), "edgeproxy": edgeproxy_at}
 
 
 async def warm_up(http: aiohttp.ClientSession, run: Run, url: str, keys: list[str]) -> None:
@@ -444,6 +447,28 @@ def expected_in_ledger(req: Req, run: Run) -> bool | None:
     if req.status is None:
         return None  # no answer: cut before the status line (only around the kill)
     return req.outcome != "http_503_server_overloaded"  # that one is refused before auth
+
+
+def revision() -> str:
+    """The commit the relay ran, with ``+dirty`` when edgeproxy/ had uncommitted changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "edgeproxy"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")  # fmt: skip
 
 
 def report(
@@ -525,7 +550,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Soak run, {result['when']}",
         "",
         f"{plan['streams']} concurrent streaming clients for {plan['seconds']:.0f} s against one "
-        f"edgeproxy worker on {result['machine']}; {plan['events']} events a stream, "
+        f"edgeproxy worker ({result['edgeproxy']}) on {result['machine']}; "
+        f"{plan['events']} events a stream, "
         f"{plan['interval']} s apart; faults injected by the upstream, clients cutting "
         f"{plan['disconnect_p']:.0%} of their streams, one SIGHUP and one kill -9 + restart.",
         "",
