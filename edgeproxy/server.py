@@ -704,13 +704,8 @@ async def serve(config: Config, path: str, limits_path: str | None = None) -> in
 
 
 def setup_logging() -> None:
-    """JSON lines: access log on stdout, everything else on stderr (journald keeps both)."""
-    access = logging.getLogger("edgeproxy.access")
-    access.propagate = False
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(out)
-    access.setLevel(logging.INFO)
+    """JSON lines on stderr; the access log goes to stdout on its own (``accesslog``), and
+    journald keeps both."""
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(_JsonFormatter())
     root = logging.getLogger("edgeproxy")
