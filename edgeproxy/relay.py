@@ -238,8 +238,15 @@ def _has_content(out: bytes) -> bool:
 async def _commit_stream(
     ctx: RequestContext, request: web.Request, headers: dict[str, str], first: bytes
 ) -> None:
-    """The commit point: from here on nothing is retried."""
-    response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+    """The commit point of a stream: its first content event goes out with the headers."""
+    await _commit(ctx, request, {**headers, **SSE_HEADERS})
+    if first:
+        await write(ctx, first)
+
+
+async def _commit(ctx: RequestContext, request: web.Request, headers: dict[str, str]) -> None:
+    """Send the status line and headers: from here on nothing is retried."""
+    response = web.StreamResponse(status=200, headers=headers)
     ctx.response = response
     ctx.status = 200
     ctx.ttfb = time.perf_counter() - ctx.started
@@ -247,8 +254,6 @@ async def _commit_stream(
         await response.prepare(request)
     except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
         raise ClientGone from exc
-    if first:
-        await write(ctx, first)
 
 
 async def relay_bytes(
@@ -262,19 +267,13 @@ async def relay_bytes(
 ) -> web.StreamResponse:
     """Anything else (audio, files): the headers are the commit point, bytes follow as is."""
     content_type = resp.headers.get("Content-Type", "application/octet-stream")
-    response = web.StreamResponse(status=200, headers={**headers, "Content-Type": content_type})
-    ctx.response = response
-    ctx.status = 200
-    ctx.ttfb = time.perf_counter() - ctx.started
-    try:
-        await response.prepare(request)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-        raise ClientGone from exc
+    await _commit(ctx, request, {**headers, "Content-Type": content_type})
     loop = asyncio.get_running_loop()
     async for chunk in resp.content.iter_any():
         deadline.reschedule(loop.time() + idle_s)
         await write(ctx, chunk)
-    return response
+    assert ctx.response is not None
+    return ctx.response
 
 
 async def write(ctx: RequestContext, data: bytes) -> None:
