@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from edgeproxy import db, errors
 from edgeproxy.context import Services
+from edgeproxy.http11 import Request, Response
 from edgeproxy.ledger import parse_since, usage_report
 
 # The JSON field names of `keys list --json` -> the names db.update_key takes.
@@ -48,11 +48,14 @@ class NotFound(errors.ProxyError):
     type = "invalid_request_error"
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+ADMIN_BODY_LIMIT = 1024 * 1024  # a key's settings are a few hundred bytes
 
 
-def authorize(request: web.Request, token: str) -> None:
+def _json(data: object, status: int = 200) -> Response:
+    return Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def authorize(request: Request, token: str) -> None:
     if not token:
         raise errors.UnknownEndpoint("the admin API is off: set admin_token in relay.yaml")
     auth = request.headers.get("Authorization", "")
@@ -63,7 +66,7 @@ def authorize(request: web.Request, token: str) -> None:
         raise AdminUnauthorized()
 
 
-async def handle(request: web.Request, svc: Services) -> web.Response:
+async def handle(request: Request, svc: Services) -> Response:
     config = svc.ref.current.config
     authorize(request, config.admin_token)
     parts = request.path.strip("/").split("/")  # ["admin", "keys", name?]
@@ -84,8 +87,8 @@ async def handle(request: web.Request, svc: Services) -> web.Response:
     raise errors.UnknownEndpoint(f"unknown admin endpoint {request.path[:100]!r}")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.read(ADMIN_BODY_LIMIT)
     try:
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
@@ -95,7 +98,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _keys(request: web.Request, db_path: str) -> web.Response:
+async def _keys(request: Request, db_path: str) -> Response:
     if request.method == "GET":
         keys = await asyncio.to_thread(db.list_keys, db_path)
         return _json([k.to_json() for k in keys])
@@ -109,7 +112,7 @@ async def _keys(request: web.Request, db_path: str) -> web.Response:
     raise errors.MethodNotAllowed("use GET or POST")
 
 
-async def _key(request: web.Request, db_path: str, name: str) -> web.Response:
+async def _key(request: Request, db_path: str, name: str) -> Response:
     if request.method == "GET":
         return _json((await asyncio.to_thread(db.get_key, db_path, name)).to_json())
     if request.method == "PATCH":
@@ -139,7 +142,7 @@ def _changes(body: dict[str, Any]) -> dict[str, Any]:
     return {PATCH_FIELDS[k]: v for k, v in body.items()}
 
 
-async def _usage(request: web.Request, db_path: str) -> web.Response:
+async def _usage(request: Request, db_path: str) -> Response:
     if request.method != "GET":
         raise errors.MethodNotAllowed("use GET")
     q = request.query

@@ -20,11 +20,12 @@ from edgeproxy.usage import Usage
 
 if TYPE_CHECKING:
     import aiohttp
-    from aiohttp import web
 
     from edgeproxy.db import KeyCache, KeyRecord, Ledger
+    from edgeproxy.http11 import Response, StreamResponse
     from edgeproxy.metrics import Metrics
     from edgeproxy.runtime import RuntimeRef
+    from edgeproxy.upstream_client import UpstreamClient
 
 
 # Request ids: a random per-process prefix and a counter. Unique across workers and
@@ -57,7 +58,7 @@ class RequestContext:
     usage: Usage | None = None
     prompt_bytes: int = 0  # for estimating tokens when the upstream reports none
     events_out: int = 0
-    response: web.StreamResponse | None = None  # set at the commit point
+    response: StreamResponse | Response | None = None  # set at the commit point
     client_gone: bool = False
     error_code: str = ""
     ticket: Ticket | None = None  # admitted by the limiter: settled in log_request
@@ -73,7 +74,7 @@ class Services:
     """What every request of a worker shares; built once in ``server``."""
 
     ref: RuntimeRef
-    session: aiohttp.ClientSession
+    upstream: UpstreamClient
     keys: KeyCache
     ledger: Ledger
     metrics: Metrics
@@ -83,3 +84,23 @@ class Services:
     inflight: int = 0
     draining: bool = False
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # model requests, for the drain
+    _image_session: aiohttp.ClientSession | None = None
+
+    def image_session(self) -> aiohttp.ClientSession:
+        """aiohttp's client, only for fetching image URLs for Gemini (``image_fetch``):
+        made on first use, so a relay that never needs it never loads it."""
+        if self._image_session is None:
+            import aiohttp
+
+            from edgeproxy import __version__
+
+            self._image_session = aiohttp.ClientSession(
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+                headers={"User-Agent": f"edgeproxy/{__version__}"},
+            )
+        return self._image_session
+
+    async def close_image_session(self) -> None:
+        if self._image_session is not None:
+            await self._image_session.close()

@@ -8,20 +8,20 @@ from __future__ import annotations
 import time
 
 import orjson
-from aiohttp import web
 
 from edgeproxy import errors, keys
 from edgeproxy.context import Services
+from edgeproxy.http11 import Request, Response
 
 JSON = "application/json"
 UNLIMITED_USD = 1e8  # what chat front-ends expect as "no limit" (SPEC §3)
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+def _json(data: object, status: int = 200) -> Response:
+    return Response(body=orjson.dumps(data), status=status, content_type=JSON)
 
 
-async def list_models(request: web.Request, svc: Services) -> web.Response:
+async def list_models(request: Request, svc: Services) -> Response:
     key = await keys.authenticate(request.headers, svc.keys)
     keys.check_state(key)
     rt = svc.ref.current
@@ -34,7 +34,7 @@ async def list_models(request: web.Request, svc: Services) -> web.Response:
     return _json({"object": "list", "data": data})
 
 
-async def billing_subscription(request: web.Request, svc: Services) -> web.Response:
+async def billing_subscription(request: Request, svc: Services) -> Response:
     key = await keys.authenticate(request.headers, svc.keys)
     budget = key.budget_usd if key.budget_usd is not None else UNLIMITED_USD
     expires = 0
@@ -52,16 +52,16 @@ async def billing_subscription(request: web.Request, svc: Services) -> web.Respo
     )
 
 
-async def billing_usage(request: web.Request, svc: Services) -> web.Response:
+async def billing_usage(request: Request, svc: Services) -> Response:
     key = await keys.authenticate(request.headers, svc.keys)
     return _json({"object": "list", "total_usage": round(key.spent_usd * 100, 6)})
 
 
-def healthz(request: web.Request, svc: Services) -> web.Response:
+def healthz(request: Request, svc: Services) -> Response:
     return _json({"status": "ok"})
 
 
-async def readyz(request: web.Request, svc: Services) -> web.Response:
+async def readyz(request: Request, svc: Services) -> Response:
     rt = svc.ref.current
     reasons: list[str] = []
     if svc.draining:

@@ -19,8 +19,8 @@ import orjson
 
 from edgeproxy import errors
 
-# aiohttp hands us the body in pieces of up to this size; a decompressor is asked for at
-# most this much output per step, so a bomb is stopped within one step of the limit.
+# A decompressor is asked for at most this much output per step, so a bomb is stopped
+# within one step of the limit, whatever size of pieces the HTTP layer hands us.
 _STEP = 64 * 1024
 
 

@@ -21,19 +21,19 @@ import re
 import time
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from edgeproxy import errors, inbound, keys, outbound, relay
 from edgeproxy.context import RequestContext, Services, new_id
 from edgeproxy.db import UsageRecord
 from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.http11 import AnyResponse, Request, Response
 from edgeproxy.limits import needs_limiter
 from edgeproxy.relay import AttemptFailed, ClientGone
 from edgeproxy.retry import KEY_REFUSED, delay, overall_deadline_s, should_retry
 from edgeproxy.runtime import Runtime
 from edgeproxy.streams import StreamError
+from edgeproxy.upstream_client import UpstreamResponse
 from edgeproxy.upstreams import UpstreamState
 from edgeproxy.usage import Usage, cost_usd, estimate_tokens
 
@@ -55,9 +55,7 @@ def request_id(headers: Any) -> str:
     return new_id()
 
 
-async def handle(
-    request: web.Request, svc: Services, endpoint: str, dialect: str
-) -> web.StreamResponse:
+async def handle(request: Request, svc: Services, endpoint: str, dialect: str) -> AnyResponse:
     rt = svc.ref.current  # read once: a reload mid-request does not change this request
     ctx = RequestContext(
         request_id=request_id(request.headers),
@@ -78,14 +76,14 @@ async def handle(
         return fail_to_proxy(ctx, exc, headers)
     except ClientGone:
         ctx.client_gone = True
-        return ctx.response or web.Response(status=499)
+        return ctx.response or Response(status=499)
     except asyncio.CancelledError:
         if svc.draining and ctx.response is not None:
             # shutdown_grace is over: end the stream cleanly rather than cutting it
             await relay.end_stream(ctx, errors.ServerOverloaded("the relay is shutting down"))
             ctx.status = 503
         else:
-            ctx.client_gone = True  # the client went away; aiohttp cancelled us
+            ctx.client_gone = True  # the client went away: http11 cancelled us
         raise
     finally:
         svc.tasks.discard(task)  # type: ignore[arg-type]
@@ -95,7 +93,7 @@ async def handle(
 
 
 async def request_filter(
-    ctx: RequestContext, request: web.Request, rt: Runtime, svc: Services
+    ctx: RequestContext, request: Request, rt: Runtime, svc: Services
 ) -> outbound.ClientRequest:
     """Admission and the client's body. Raising refuses the request before any upstream."""
     # max_inflight is per node (SPEC §2): each worker admits its share, as it does of
@@ -153,19 +151,17 @@ def _kinds(ctx: RequestContext) -> frozenset[str] | None:
     return None if ctx.endpoint in CHAT_ENDPOINTS else OPENAI_ONLY
 
 
-async def read_body(request: web.Request, rt: Runtime) -> bytes:
+async def read_body(request: Request, rt: Runtime) -> bytes:
     """The body, decoded and bounded by ``max_request_body`` as it arrives (a Content-Length
     over it is refused before reading). Headers and body share one ``client_read``
-    deadline, counted from the request's first byte (``server.RelayProtocol``)."""
+    deadline, counted from the request's first byte (``http11.HttpProtocol``)."""
     limit = rt.config.max_request_body
     if request.content_length is not None and request.content_length > limit:
         raise errors.RequestTooLarge(f"request body is larger than {limit} bytes")
     reader = inbound.BodyReader(request.headers.get("Content-Encoding", ""), limit)
-    loop = asyncio.get_running_loop()
-    started = getattr(request.protocol, "request_started", 0.0) or loop.time()
     try:
-        async with asyncio.timeout_at(started + rt.config.timeouts.client_read):
-            while chunk := await request.content.readany():
+        async with asyncio.timeout_at(request.started + rt.config.timeouts.client_read):
+            while chunk := await request.readany():
                 reader.feed(chunk)
     except TimeoutError:
         raise errors.InvalidRequest("request body was not received in time") from None
@@ -174,12 +170,12 @@ async def read_body(request: web.Request, rt: Runtime) -> bytes:
 
 async def proxy(
     ctx: RequestContext,
-    request: web.Request,
+    request: Request,
     req: outbound.ClientRequest,
     rt: Runtime,
     svc: Services,
     headers: dict[str, str],
-) -> web.StreamResponse:
+) -> AnyResponse:
     """The retry loop: one try per upstream pick until success, the commit point, or the
     end of what a request may spend on retries: ``retry.attempts`` tries in all, one
     overall deadline (``retry.overall_deadline_s``), and the worker's retry budget."""
@@ -269,7 +265,7 @@ def final_error(
 
 async def attempt(
     ctx: RequestContext,
-    request: web.Request,
+    request: Request,
     req: outbound.ClientRequest,
     rt: Runtime,
     svc: Services,
@@ -277,7 +273,7 @@ async def attempt(
     last: bool,
     headers: dict[str, str],
     deadline: float,
-) -> web.StreamResponse:
+) -> AnyResponse:
     """One try at one upstream. Raises AttemptFailed before the commit point; after it,
     ends the client's stream itself and returns the response. Until the commit point the
     try is bounded by its own ``connect`` / ``first_byte`` and by the request's overall
@@ -292,12 +288,10 @@ async def attempt(
     t = upstream.timeouts
     now = asyncio.get_running_loop().time()
     connect_s = max(0.001, min(t.connect, deadline - now))
-    # total=None: aiohttp's 5-minute default would cut long streams
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
     try:
         async with asyncio.timeout_at(min(now + t.first_byte, deadline)) as timer:
-            async with svc.session.post(
-                out.url, data=out.body, headers=out.headers, timeout=timeout
+            async with svc.upstream.post(
+                out.url, body=out.body, headers=out.headers, connect_timeout=connect_s
             ) as resp:
                 if resp.status >= 300:
                     return await _upstream_error(ctx, resp, rt, state, key, headers)
@@ -318,8 +312,8 @@ async def attempt(
                 )
     except TimeoutError:
         return await _failed(ctx, "timeout", errors.UpstreamTimeout("upstream timed out"))
-    except (aiohttp.ClientError, OSError) as exc:
-        if isinstance(exc, aiohttp.ClientConnectionResetError) and ctx.client_gone:
+    except OSError as exc:  # upstream_client.UpstreamConnectionError among them
+        if ctx.client_gone:
             raise ClientGone from exc
         message = (
             "could not reach the upstream" if not ctx.committed else "upstream connection failed"
@@ -329,9 +323,7 @@ async def attempt(
         return await _failed(ctx, 502, errors.UpstreamError(_scrub(rt, str(exc))))
 
 
-async def _failed(
-    ctx: RequestContext, outcome: int | str, error: errors.ProxyError
-) -> web.StreamResponse:
+async def _failed(ctx: RequestContext, outcome: int | str, error: errors.ProxyError) -> AnyResponse:
     """A transport failure: retryable before the commit point, an error event after it.
     The retry loop records the upstream's health either way."""
     if ctx.response is None:
@@ -342,15 +334,15 @@ async def _failed(
 
 async def _upstream_error(
     ctx: RequestContext,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     rt: Runtime,
     state: UpstreamState,
     key: str,
     headers: dict[str, str],
-) -> web.Response:
+) -> Response:
     """A non-2xx status line from the upstream."""
     status = resp.status
-    body = await resp.content.read(_ERROR_BODY_LIMIT)
+    body = await resp.read(_ERROR_BODY_LIMIT)
     if status in KEY_REFUSED:
         # our own upstream key is bad: out of the rotation; the client never sees this body
         state.drop_key(key)
@@ -377,7 +369,7 @@ async def _upstream_error(
     # other 4xx describe the client's request: pass them on, scrubbed, in the client's shape
     ctx.status = status
     ctx.error_code = f"upstream_{status}"
-    response = web.Response(
+    response = Response(
         status=status,
         body=_client_error_body(ctx, state.config.kind, body, rt),
         headers={**headers, "Content-Type": "application/json"},
@@ -442,7 +434,7 @@ async def _gemini_images(
     found: dict[str, tuple[str, bytes]] = {}
     for url in gemini.image_urls(body):
         try:
-            found[url] = await fetch_image(svc.session, url)
+            found[url] = await fetch_image(svc.image_session(), url)
         except ImageFetchError as exc:
             raise errors.InvalidRequest(f"image {url[:100]!r}: {exc}", param="messages") from None
     return found
@@ -450,14 +442,14 @@ async def _gemini_images(
 
 def fail_to_proxy(
     ctx: RequestContext, exc: errors.ProxyError, headers: dict[str, str]
-) -> web.StreamResponse:
+) -> AnyResponse:
     """Before the commit point: the error JSON. After it the stream was already ended."""
     if ctx.response is not None:
         return ctx.response
     ctx.status = exc.status
     ctx.error_code = exc.code
     body = exc.to_anthropic_json() if ctx.dialect == "anthropic" else exc.to_json()
-    return web.Response(
+    return Response(
         status=exc.status,
         body=body,
         headers={**headers, **exc.headers(), "Content-Type": "application/json"},

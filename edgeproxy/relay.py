@@ -17,14 +17,14 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from edgeproxy import errors
 from edgeproxy.context import RequestContext
 from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.http11 import Request, Response, StreamResponse
 from edgeproxy.streams import PassThrough, Translated
+from edgeproxy.upstream_client import UpstreamResponse
 from edgeproxy.usage import Usage, from_openai
 
 SSE_HEADERS = {
@@ -73,13 +73,13 @@ def empty_chat(body: dict[str, Any]) -> bool:
 
 async def relay_json(
     ctx: RequestContext,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     *,
     upstream_kind: str,
     translated: bool,
     last: bool,
     headers: dict[str, str],
-) -> web.Response:
+) -> Response:
     """A whole JSON body: its arrival is the commit point."""
     raw = await resp.read()
     chat = ctx.endpoint in ("/v1/chat/completions", "/v1/messages")
@@ -143,8 +143,8 @@ def _json_to_client(
 
 def _respond(
     ctx: RequestContext, body: bytes, content_type: str, headers: dict[str, str]
-) -> web.Response:
-    response = web.Response(body=body, headers={**headers, "Content-Type": content_type})
+) -> Response:
+    response = Response(body=body, headers={**headers, "Content-Type": content_type})
     ctx.response = response
     ctx.status = 200
     ctx.ttfb = time.perf_counter() - ctx.started  # the whole body is the first byte
@@ -153,8 +153,8 @@ def _respond(
 
 async def relay_stream(
     ctx: RequestContext,
-    request: web.Request,
-    resp: aiohttp.ClientResponse,
+    request: Request,
+    resp: UpstreamResponse,
     deadline: asyncio.Timeout,
     *,
     upstream_kind: str,
@@ -164,7 +164,7 @@ async def relay_stream(
     idle_s: float,
     headers: dict[str, str],
     secrets: tuple[str, ...] = (),
-) -> web.StreamResponse:
+) -> StreamResponse:
     """SSE: hold the status line until the first content event, then relay as it comes."""
     flt: PassThrough | Translated
     if translated:
@@ -191,7 +191,7 @@ async def relay_stream(
     # a silence shorter than idle never cuts a stream; one up to idle + step may be allowed.
     step = min(_BUMP_EVERY_S, idle_s / 10)
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.iter_any():
             out = flt.feed(chunk)
             if ctx.response is None:
                 if flt.error is not None:
@@ -236,7 +236,7 @@ def _has_content(out: bytes) -> bool:
 
 
 async def _commit_stream(
-    ctx: RequestContext, request: web.Request, headers: dict[str, str], first: bytes
+    ctx: RequestContext, request: Request, headers: dict[str, str], first: bytes
 ) -> None:
     """The commit point of a stream: its first content event goes out with the headers."""
     await _commit(ctx, request, {**headers, **SSE_HEADERS})
@@ -244,32 +244,32 @@ async def _commit_stream(
         await write(ctx, first)
 
 
-async def _commit(ctx: RequestContext, request: web.Request, headers: dict[str, str]) -> None:
+async def _commit(ctx: RequestContext, request: Request, headers: dict[str, str]) -> None:
     """Send the status line and headers: from here on nothing is retried."""
-    response = web.StreamResponse(status=200, headers=headers)
+    response = StreamResponse(status=200, headers=headers)
     ctx.response = response
     ctx.status = 200
     ctx.ttfb = time.perf_counter() - ctx.started
     try:
         await response.prepare(request)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+    except ConnectionError as exc:
         raise ClientGone from exc
 
 
 async def relay_bytes(
     ctx: RequestContext,
-    request: web.Request,
-    resp: aiohttp.ClientResponse,
+    request: Request,
+    resp: UpstreamResponse,
     deadline: asyncio.Timeout,
     *,
     idle_s: float,
     headers: dict[str, str],
-) -> web.StreamResponse:
+) -> StreamResponse:
     """Anything else (audio, files): the headers are the commit point, bytes follow as is."""
     content_type = resp.headers.get("Content-Type", "application/octet-stream")
     await _commit(ctx, request, {**headers, "Content-Type": content_type})
     loop = asyncio.get_running_loop()
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp.iter_any():
         deadline.reschedule(loop.time() + idle_s)
         await write(ctx, chunk)
     assert ctx.response is not None
@@ -280,14 +280,14 @@ async def write(ctx: RequestContext, data: bytes) -> None:
     assert ctx.response is not None
     try:
         await ctx.response.write(data)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+    except ConnectionError as exc:
         raise ClientGone from exc
 
 
 async def end_stream(ctx: RequestContext, error: errors.ProxyError) -> None:
     """After the commit point: an SSE error event in the client's dialect, no [DONE], and
     the end of the response, so the client reads a complete body that ends in the error
-    (also when the handler is being cancelled at shutdown and aiohttp would not end it)."""
+    (also when the handler is being cancelled at shutdown)."""
     ctx.error_code = error.code
     body = error.to_anthropic_json() if ctx.dialect == "anthropic" else error.to_json()
     event = (b"event: error\ndata: " if ctx.dialect == "anthropic" else b"data: ") + body + b"\n\n"
@@ -297,5 +297,5 @@ async def end_stream(ctx: RequestContext, error: errors.ProxyError) -> None:
         async with asyncio.timeout(1.0):
             await write(ctx, event)
             await ctx.response.write_eof()
-    except (TimeoutError, ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
+    except (TimeoutError, ClientGone, ConnectionError):
         ctx.client_gone = True

@@ -102,7 +102,7 @@ class Supervisor:
 
         limiter = LimiterServer(self.limits_path)
         await limiter.start()
-        metrics_runner = await self._serve_metrics()
+        metrics_site = await self._serve_metrics()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -114,8 +114,9 @@ class Supervisor:
         await self.stopping.wait()
         watcher.cancel()
         await self._stop_workers()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
+        if metrics_site is not None:
+            metrics_site.stop_accepting()
+            await metrics_site.close_all()
         await limiter.close()
         log.info(_line("supervisor_stopped"))
         return 0
@@ -187,18 +188,21 @@ class Supervisor:
     async def _serve_metrics(self):
         if self.config.metrics_listen is None:
             return None
-        from aiohttp import web
-
+        from edgeproxy import endpoints, http11
         from edgeproxy.metrics import CONTENT_TYPE, render_multiprocess
+        from edgeproxy.server import listen_socket, serve_socket
 
-        async def metrics(request: web.Request) -> web.Response:
+        async def metrics(request: http11.Request) -> http11.Response:
+            if request.path != "/metrics":
+                return http11.error_response(endpoints.not_found(request.path))
             body = await asyncio.to_thread(render_multiprocess, self.metrics_dir)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+            return http11.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await runner.setup()
         host, port = self.config.metrics_listen
-        await web.TCPSite(runner, host, port).start()
-        return runner
+        timeouts = self.config.timeouts
+        site = serve_socket(
+            listen_socket(host, port, reuse_port=False), metrics, lambda: 64,
+            lambda: timeouts.client_read, lambda: timeouts.client_keepalive,
+        )  # fmt: skip
+        await site.start()
+        return site
