@@ -117,13 +117,35 @@ def has_object(data: bytes, name: bytes) -> bool:
     OpenAI sends ``"usage":null`` in every chunk once include_usage is on, so a plain
     substring test would send every chunk down the slow path.
     """
-    needle = b'"' + name + b'"'
-    i = data.find(needle)
-    while i >= 0:
-        j = i + len(needle)
-        while j < len(data) and data[j] in b" \t\r\n:":
-            j += 1
-        if data[j : j + 1] == b"{":
-            return True
-        i = data.find(needle, j)
-    return False
+    return object_pattern(name).search(data) is not None
+
+
+_OBJECT_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
+
+
+def object_pattern(name: bytes) -> re.Pattern[bytes]:
+    """``"name"`` followed by an object value: one C-level regex search, not a Python loop
+    over every ``"usage":null`` of a stream."""
+    pattern = _OBJECT_PATTERNS.get(name)
+    if pattern is None:
+        pattern = re.compile(b'"' + re.escape(name) + rb'"[ \t\r\n:]*\{')
+        _OBJECT_PATTERNS[name] = pattern
+    return pattern
+
+
+def event_end(data: bytes, start: int) -> int:
+    """Where the event that begins at ``start`` ends (after its boundary), as ``split``
+    would cut it; ``len(data)`` if it has no boundary."""
+    match = _BOUNDARY.search(data, start)
+    return match.end() if match else len(data)
+
+
+def event_start(data: bytes, low: int, index: int) -> int:
+    """Where the event holding ``data[index]`` begins: after the last boundary in
+    ``data[low:index]`` (``low`` if there is none)."""
+    start = low
+    for boundary in (b"\n\n", b"\r\r", b"\n\r\n"):
+        found = data.rfind(boundary, low, index)
+        if found >= 0 and found + len(boundary) > start:
+            start = found + len(boundary)
+    return start

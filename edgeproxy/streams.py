@@ -81,16 +81,6 @@ class PassThrough:
         else:
             complete, self._tail = data[:cut], data[cut:]
         self.events += complete.count(b"data:")
-        if (
-            self.content_seen
-            and not sse.has_object(complete, b"usage")
-            and b'"error"' not in complete
-        ):
-            if (self.flavor == "anthropic" and b"message_stop" in complete) or complete.endswith(
-                DONE
-            ):
-                self.done = True
-            return complete  # the hot path: the same bytes object, no parsing
         return self._inspect(complete)
 
     def finish(self) -> bytes:
@@ -101,12 +91,28 @@ class PassThrough:
         return tail
 
     def _inspect(self, complete: bytes) -> bytes:
+        """Read the events that matter and relay all but a withheld usage event. Until the
+        commit point every event is read; after it only the events around a marker
+        (``_next_marker``): the plain events between them go on as they are, unread, and
+        a chunk without a marker is returned as the very same object (the hot path)."""
         kept: list[bytes] = []
         changed = False
-        for event in sse.split(complete):
-            if self.content_seen and self._plain(event):
-                kept.append(event)  # nothing to learn from it: relay without parsing
-                continue
+        pos, size = 0, len(complete)
+        while pos < size:
+            if self.content_seen:
+                marker = self._next_marker(complete, pos)
+                if marker < 0:
+                    if pos == 0:
+                        return complete
+                    kept.append(complete[pos:])
+                    break
+                start = sse.event_start(complete, pos, marker)
+                if start > pos:
+                    kept.append(complete[pos:start])
+                pos = start
+            end = sse.event_end(complete, pos)
+            event = complete[pos:end]
+            pos = end
             if not self._read_event(event):
                 changed = True  # withheld
                 continue
@@ -117,14 +123,17 @@ class PassThrough:
             kept.append(event)
         return b"".join(kept) if changed else complete
 
-    def _plain(self, event: bytes) -> bool:
-        """After the commit point, an event that holds no usage object, no error and no end
-        marker needs no parsing (a whole stream often arrives in one read)."""
-        if sse.has_object(event, b"usage") or b'"error"' in event:
-            return False
-        if self.flavor == "anthropic":
-            return b"message_stop" not in event
-        return not event.startswith(b"data: [DONE]")
+    def _next_marker(self, data: bytes, pos: int) -> int:
+        """Index of the first thing after ``pos`` that an event must be read for: a usage
+        object, an error, or the end of the stream; -1 if there is none."""
+        usage = sse.object_pattern(b"usage").search(data, pos)
+        found = [usage.start()] if usage else []
+        end_marker = b"message_stop" if self.flavor == "anthropic" else b"data: [DONE]"
+        for needle in (b'"error"', end_marker):
+            index = data.find(needle, pos)
+            if index >= 0:
+                found.append(index)
+        return min(found) if found else -1
 
     def _read_event(self, event: bytes) -> bool:
         """Update state from one event; False when the event must be withheld."""
