@@ -78,14 +78,18 @@ def encode(data: bytes, event: str | None = None) -> bytes:
 def complete_len(data: bytes) -> int:
     """Length of the prefix of ``data`` made of complete events (0 if none).
 
-    Three ``rfind`` calls in C: cheap enough to run on every chunk of a stream.
+    ``rfind`` calls in C: cheap enough to run on every chunk of a stream.
     """
-    ends = (data.rfind(b"\n\n"), data.rfind(b"\n\r\n"), data.rfind(b"\r\r"))
-    end = max(
-        ends[0] + 2 if ends[0] >= 0 else 0,
-        ends[1] + 3 if ends[1] >= 0 else 0,
-        ends[2] + 2 if ends[2] >= 0 else 0,
-    )
+    if b"\r" not in data:  # the common case: one reverse search, not three full scans
+        found = data.rfind(b"\n\n")
+        end = found + 2 if found >= 0 else 0
+    else:
+        ends = (data.rfind(b"\n\n"), data.rfind(b"\n\r\n"), data.rfind(b"\r\r"))
+        end = max(
+            ends[0] + 2 if ends[0] >= 0 else 0,
+            ends[1] + 3 if ends[1] >= 0 else 0,
+            ends[2] + 2 if ends[2] >= 0 else 0,
+        )
     if end == 0:
         return 0
     # Within a run of line breaks ("\n\n\n") boundaries do not overlap: let the same
@@ -144,7 +148,8 @@ def event_start(data: bytes, low: int, index: int) -> int:
     """Where the event holding ``data[index]`` begins: after the last boundary in
     ``data[low:index]`` (``low`` if there is none)."""
     start = low
-    for boundary in (b"\n\n", b"\r\r", b"\n\r\n"):
+    boundaries = (b"\n\n", b"\r\r", b"\n\r\n") if b"\r" in data else (b"\n\n",)
+    for boundary in boundaries:
         found = data.rfind(boundary, low, index)
         if found >= 0 and found + len(boundary) > start:
             start = found + len(boundary)
