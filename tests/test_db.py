@@ -288,6 +288,36 @@ async def test_ledger_never_bills_a_request_twice(path: str) -> None:
     assert db.get_key(path, "alice").spent_usd == 1.0
 
 
+async def test_while_another_process_holds_the_write_lock_the_loop_runs_on(path: str) -> None:
+    """The ledger commits on the event loop's thread but never waits there for SQLite's
+    write lock: the loop keeps serving, and the batch lands once the lock is free."""
+    ledger = await db.Ledger.open(path, interval_s=0.01)
+    holder = sqlite3.connect(path, isolation_level=None)
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer (the CLI, another worker)
+        ledger.record(usage("locked-out"))
+        await asyncio.sleep(0.5)
+        assert query(path, "SELECT COUNT(*) FROM usage") == [(0,)]
+        assert ledger.pending == 1 and ledger.healthy  # waiting, well within stall_s
+        assert ticks >= 25  # the loop ran all along (a blocked loop would tick about once)
+        holder.execute("COMMIT")
+        await eventually(lambda: query(path, "SELECT COUNT(*) FROM usage") == [(1,)])
+        assert ledger.pending == 0
+    finally:
+        beat.cancel()
+        holder.close()
+        await ledger.close()
+
+
 async def test_close_flushes_what_is_queued(path: str) -> None:
     ledger = await db.Ledger.open(path, interval_s=60)  # the writer would wait a minute
     for i in range(50):
