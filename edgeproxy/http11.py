@@ -231,7 +231,9 @@ class StreamResponse:
     def prepared(self) -> bool:
         return self._protocol is not None
 
-    async def prepare(self, request: Request) -> None:
+    async def prepare(self, request: Request, body: bytes = b"", *, end: bool = False) -> None:
+        """Send the head, with the first ``body`` bytes and, with ``end``, the end of the
+        response: one write (and one syscall) where the answer is all there already."""
         protocol = request._protocol
         if protocol.closed:
             raise ConnectionResetError("the client has gone")
@@ -241,7 +243,11 @@ class StreamResponse:
         if not self._chunked:
             request.keep_alive = False
         extra = b"Transfer-Encoding: chunked\r\n" if self._chunked else b""
-        protocol.write(_head(self.status, self.headers, extra, request.keep_alive))
+        head = _head(self.status, self.headers, extra, request.keep_alive)
+        protocol.write(head + self._frame(body, end))
+        self.ended = end
+        if protocol.paused_writing:
+            await protocol.drain()
 
     async def write(self, data: bytes) -> None:
         protocol = self._protocol
@@ -250,11 +256,12 @@ class StreamResponse:
             raise ConnectionResetError("the client has gone")
         if not data:
             return
-        protocol.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        protocol.write(self._frame(data, False))
         if protocol.paused_writing:
             await protocol.drain()
 
-    async def write_eof(self) -> None:
+    async def write_eof(self, last: bytes = b"") -> None:
+        """The ``last`` bytes, then the end of the response."""
         if self.ended:
             return
         self.ended = True
@@ -262,10 +269,15 @@ class StreamResponse:
         assert protocol is not None, "prepare() first"
         if protocol.closed:
             raise ConnectionResetError("the client has gone")
-        if self._chunked:
-            protocol.write(b"0\r\n\r\n")
+        protocol.write(self._frame(last, True))
         if protocol.paused_writing:
             await protocol.drain()
+
+    def _frame(self, data: bytes, end: bool) -> bytes:
+        if not self._chunked:
+            return data
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+        return framed + b"0\r\n\r\n" if end else framed
 
 
 AnyResponse = Response | StreamResponse

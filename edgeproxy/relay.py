@@ -23,7 +23,7 @@ from edgeproxy import errors
 from edgeproxy.context import RequestContext
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.http11 import Request, Response, StreamResponse
-from edgeproxy.streams import PassThrough, Translated
+from edgeproxy.streams import PassThrough, StreamError, Translated
 from edgeproxy.upstream_client import UpstreamResponse
 from edgeproxy.usage import Usage, from_openai
 
@@ -199,11 +199,13 @@ async def relay_stream(
                     raise AttemptFailed(502, errors.UpstreamError(f"upstream error: {message}"))
                 if out:
                     held.append(out)
-                if flt.content_seen:
-                    await _commit_stream(ctx, request, headers, b"".join(held))
+                if flt.content_seen and not flt.done:
+                    await _commit(ctx, request, {**headers, **SSE_HEADERS}, b"".join(held))
                     held.clear()
                     bumped = loop.time()
                     deadline.reschedule(bumped + idle_s + step)
+            elif flt.done:
+                held.append(out)  # the last bytes go out with the end of the stream
             elif out:
                 await write(ctx, out)
                 if (now := loop.time()) - bumped > step and _has_content(out):
@@ -211,22 +213,31 @@ async def relay_stream(
                     deadline.reschedule(now + idle_s + step)
             if flt.done:
                 break
-        tail = flt.finish()
+        try:
+            held.append(flt.finish())
+        except StreamError:  # an error event after content: that content goes out first
+            if held and (ctx.response is not None or flt.content_seen):
+                await _send_held(ctx, request, headers, b"".join(held))
+            raise
     finally:
         ctx.usage = flt.usage
         ctx.events_out = flt.events
+    rest = b"".join(held)
+    # A whole stream often arrives at once: then its status line, events and end go out
+    # in one write, as a JSON answer does.
     if ctx.response is None:
-        if not last:
+        if not flt.content_seen and not last:
             raise AttemptFailed(
                 "empty_response", errors.UpstreamError("upstream sent an empty stream")
             )
-        held.append(tail)
-        await _commit_stream(ctx, request, headers, b"".join(held))
-    elif tail:
-        await write(ctx, tail)
+        await _commit(ctx, request, {**headers, **SSE_HEADERS}, rest, end=flt.done)
+    elif flt.done:
+        await _end(ctx, rest)
+    elif rest:
+        await write(ctx, rest)
     if not flt.done:
         await end_stream(ctx, errors.UpstreamError("upstream closed the stream before its end"))
-    return ctx.response
+    return ctx.response  # type: ignore[return-value]
 
 
 def _has_content(out: bytes) -> bool:
@@ -235,23 +246,31 @@ def _has_content(out: bytes) -> bool:
     return out.count(b"data:") > out.count(_PING_EVENT)
 
 
-async def _commit_stream(
-    ctx: RequestContext, request: Request, headers: dict[str, str], first: bytes
+async def _send_held(
+    ctx: RequestContext, request: Request, headers: dict[str, str], held: bytes
 ) -> None:
-    """The commit point of a stream: its first content event goes out with the headers."""
-    await _commit(ctx, request, {**headers, **SSE_HEADERS})
-    if first:
-        await write(ctx, first)
+    if ctx.response is None:
+        await _commit(ctx, request, {**headers, **SSE_HEADERS}, held)
+    else:
+        await write(ctx, held)
 
 
-async def _commit(ctx: RequestContext, request: Request, headers: dict[str, str]) -> None:
-    """Send the status line and headers: from here on nothing is retried."""
+async def _commit(
+    ctx: RequestContext,
+    request: Request,
+    headers: dict[str, str],
+    first: bytes = b"",
+    *,
+    end: bool = False,
+) -> None:
+    """Send the status line and headers, with the first bytes (and the end of the
+    response, when it is all there): from here on nothing is retried."""
     response = StreamResponse(status=200, headers=headers)
     ctx.response = response
     ctx.status = 200
     ctx.ttfb = time.perf_counter() - ctx.started
     try:
-        await response.prepare(request)
+        await response.prepare(request, first, end=end)
     except ConnectionError as exc:
         raise ClientGone from exc
 
@@ -277,9 +296,18 @@ async def relay_bytes(
 
 
 async def write(ctx: RequestContext, data: bytes) -> None:
-    assert ctx.response is not None
+    assert isinstance(ctx.response, StreamResponse)
     try:
         await ctx.response.write(data)
+    except ConnectionError as exc:
+        raise ClientGone from exc
+
+
+async def _end(ctx: RequestContext, last: bytes) -> None:
+    """The last bytes and the end of the response, in one write."""
+    assert isinstance(ctx.response, StreamResponse)
+    try:
+        await ctx.response.write_eof(last)
     except ConnectionError as exc:
         raise ClientGone from exc
 
@@ -295,7 +323,6 @@ async def end_stream(ctx: RequestContext, error: errors.ProxyError) -> None:
     try:
         # bounded: a client that stopped reading must not hold us here
         async with asyncio.timeout(1.0):
-            await write(ctx, event)
-            await ctx.response.write_eof()
+            await _end(ctx, event)
     except (TimeoutError, ClientGone, ConnectionError):
         ctx.client_gone = True
