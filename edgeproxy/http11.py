@@ -158,6 +158,20 @@ class Request:
         self._protocol.body_taken()
         return data
 
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (and the framing was sound)."""
+        return self._eof and self._error is None
+
+    def take_body(self) -> bytes:
+        """All the body bytes buffered now, without waiting (see ``complete``)."""
+        data = b"".join(self._body)
+        self._body.clear()
+        if self.buffered:
+            self.buffered = 0
+            self._protocol.body_taken()
+        return data
+
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; past ``limit`` bytes, 413."""
         parts = []

@@ -109,6 +109,7 @@ class Metrics:
             registry=r, multiprocess_mode="livemin",  # 0 as soon as one worker ejected it
         )  # fmt: skip
         self._cache: dict[tuple[str, str, int], _Children] = {}
+        self._attempts: dict[tuple[str, str], Any] = {}  # labelled children, as _children()
         self.key_requests = self.key_cost = None
         if per_key:
             self.key_requests = Counter(
@@ -117,7 +118,10 @@ class Metrics:
             self.key_cost = Counter("edgeproxy_key_cost_usd", "USD per key", ["key"], registry=r)
 
     def attempt(self, upstream: str, outcome: str) -> None:
-        self.attempts.labels(upstream, outcome).inc()
+        child = self._attempts.get((upstream, outcome))
+        if child is None:
+            child = self._attempts[(upstream, outcome)] = self.attempts.labels(upstream, outcome)
+        child.inc()
 
     def observe(
         self,

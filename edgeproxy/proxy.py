@@ -159,6 +159,9 @@ async def read_body(request: Request, rt: Runtime) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise errors.RequestTooLarge(f"request body is larger than {limit} bytes")
     reader = inbound.BodyReader(request.headers.get("Content-Encoding", ""), limit)
+    if request.complete:  # the common case: it came with the headers, nothing to wait for
+        reader.feed(request.take_body())
+        return reader.finish()
     try:
         async with asyncio.timeout_at(request.started + rt.config.timeouts.client_read):
             while chunk := await request.readany():
@@ -301,6 +304,7 @@ async def attempt(
                         upstream_kind=upstream.kind, translated=out.translated,
                         withhold_usage=ctx.stream and not ctx.client_wants_usage,
                         last=last, idle_s=t.idle, headers=headers, secrets=rt.secrets,
+                        secret_bytes=rt.secret_bytes,
                     )  # fmt: skip
                 if resp.content_type == "application/json" or out.translated:
                     return await relay.relay_json(

@@ -164,6 +164,7 @@ async def relay_stream(
     idle_s: float,
     headers: dict[str, str],
     secrets: tuple[str, ...] = (),
+    secret_bytes: tuple[bytes, ...] = (),
 ) -> StreamResponse:
     """SSE: hold the status line until the first content event, then relay as it comes."""
     flt: PassThrough | Translated
@@ -182,7 +183,7 @@ async def relay_stream(
             )
         )
         flt = PassThrough(
-            flavor, withhold_usage=withhold_usage, secrets=tuple(x.encode() for x in secrets)
+            flavor, withhold_usage=withhold_usage, secrets=secret_bytes
         )
     loop = asyncio.get_running_loop()
     held: list[bytes] = []

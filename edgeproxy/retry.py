@@ -114,6 +114,8 @@ class RetryBudget:
 
     def can_retry(self) -> bool:
         """Whether one more retry would stay within the budget; does not spend it."""
+        if self.floor >= 1 and not any(self._retries):
+            return True  # asked before every try: no retry counted at all is the common case
         requests, retries = self._totals()
         return retries + 1 <= self.ratio * requests + self.floor
 
