@@ -44,7 +44,7 @@ BATCH_WAIT_S = 0.1
 _BATCH_ROWS = 1000
 _BUSY_RETRY_S = 0.01  # another process holds the write lock: try again this much later
 _CHECKPOINT_EVERY_S = 1.0  # WAL checkpoints, in a thread, at most this often
-_SQL_TYPES = (type(None), str, int, float, bool)
+_SQL_TYPES = frozenset((type(None), str, int, float, bool))
 _PROBE_AFTER_S = 10.0  # writable() writes a probe when nothing was committed for this long
 
 
@@ -110,7 +110,7 @@ class Ledger:
     def record(self, rec: UsageRecord) -> None:
         """Queue one record. Synchronous and O(1): call it from a ``finally``."""
         row = _usage_row(rec)
-        storable = all(type(v) in _SQL_TYPES for v in row) and math.isfinite(rec.cost_usd)
+        storable = _SQL_TYPES.issuperset(map(type, row)) and math.isfinite(rec.cost_usd)
         if not (storable and isinstance(rec.request_id, str) and rec.request_id):
             # A bug upstream of here; refused now, so it cannot block every batch behind it.
             self.dropped += 1
@@ -122,7 +122,8 @@ class Ledger:
             self._overflowed = True
         else:
             self._queue.append((time.monotonic(), row))
-            self._wakeup.set()
+            if not self._wakeup.is_set():
+                self._wakeup.set()
 
     @property
     def healthy(self) -> bool:
