@@ -38,6 +38,7 @@ class WrkResult:
     mean_ms: float
     max_ms: float
     errors: dict[str, int] = field(default_factory=dict)
+    cpu_us_per_request: float | None = None  # the target's CPU time per request (run.py)
 
     @property
     def error_count(self) -> int:

@@ -178,6 +178,10 @@ def table(results: dict) -> str:
                     lat[c] = f"{_ms(run['p50_ms'])} / {_ms(run['p99_ms'])}"
             row(f"{mode.upper()} {conns} conn: req/s", cells)
             row(f"{mode.upper()} {conns} conn: p50 / p99 ms", lat)
+            if conns == 16:
+                cpu = {c: f"{run['cpu_us_per_request']:.0f}" for c in cols
+                       if (run := _run(results, c, mode, conns)) and run.get("cpu_us_per_request")}  # fmt: skip
+                row(f"{mode.upper()} {conns} conn: CPU µs per request", cpu)
     row(
         "added latency JSON, 1 conn p50 vs direct (ms)",
         {c: _ms(added_ms(results, c, "json")) for c in cols if c != "direct"},

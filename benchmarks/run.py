@@ -207,10 +207,17 @@ class Suite:
     def wrk(
         self, target: targets.Target, mode: str, conns: int, seconds: float
     ) -> loadgen.WrkResult:
+        pid = target.proc.pid if target.proc is not None else None
+        cpu0 = targets.cpu_seconds(pid) if pid else 0.0
         result = loadgen.run_wrk(
             target.url(mode), self.body_files[mode], self.key_for(target),
             connections=conns, duration_s=seconds, threads=self.args.wrk_threads,
         )  # fmt: skip
+        if pid and result.requests:
+            # CPU time (user + system, the whole process tree) per completed request: on a
+            # shared 2-core machine steadier than req/s, which moves with whatever else runs
+            spent = targets.cpu_seconds(pid) - cpu0
+            result.cpu_us_per_request = round(spent / result.requests * 1e6, 1)
         self.client_requests[target.name] = (
             self.client_requests.get(target.name, 0) + result.requests
         )
