@@ -323,6 +323,10 @@ def ledger_requests(target: targets.Edgeproxy) -> int:
 
 
 def _abort(signum: int, frame: object) -> None:
+    # Once: a second signal (``timeout`` passes its TERM on after ours, Ctrl-C twice) must
+    # not interrupt the ``finally`` that is stopping the targets.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(f"stopped by signal {signum}")
 
 
