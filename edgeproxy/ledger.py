@@ -29,12 +29,11 @@ from edgeproxy.records import DbError, InvalidValue, UsageRecord, check_expires
 
 log = logging.getLogger("edgeproxy.db")
 
-_ROW = "(" + ", ".join("?" * 17) + ")"
-# Rows per INSERT statement: one multi-row statement is one sqlite3_step, so the writer
-# thread gives up and takes back the GIL once per statement instead of once per row
-# (under load each take-back waits on the busy event loop). 17 x 500 bound values is
-# well under SQLite's limit of 32,766.
-_INSERT_ROWS = 500
+_INSERT_USAGE = "INSERT OR IGNORE INTO usage VALUES (" + ", ".join("?" * 17) + ")"
+# Record ids looked up per SELECT. Always this many (a short list is padded): SQLite
+# compiles each distinct statement, and the connection keeps 128 of them, so statements
+# of every length from 1 to N held tens of MB (seen as RSS growing under load).
+_LOOKUP_IDS = 500
 # SPEC §4: records are committed at most 200 ms behind. The writer waits this long after
 # the first record of a batch, leaving the rest of the 200 ms for the commit itself
 # (benchmarks/results/ledger.json: waiting the full 200 ms put the slowest 1% at 203-266 ms).
@@ -276,12 +275,7 @@ def _commit(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
             if row[0] not in seen:
                 seen.add(row[0])
                 fresh.append(row)
-        for i in range(0, len(fresh), _INSERT_ROWS):
-            chunk = fresh[i : i + _INSERT_ROWS]
-            conn.execute(
-                "INSERT OR IGNORE INTO usage VALUES " + ", ".join([_ROW] * len(chunk)),
-                [value for row in chunk for value in row],
-            )
+        conn.executemany(_INSERT_USAGE, fresh)
         spend: dict[int, float] = {}
         for row in fresh:
             key_id, cost = row[3], row[15]
@@ -300,12 +294,17 @@ def _commit(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
 def _existing(conn: sqlite3.Connection, record_ids: list[str]) -> set[str]:
     """Record ids already in the ledger (under the write lock, so no race)."""
     found: set[str] = set()
-    for i in range(0, len(record_ids), 500):  # well under SQLite's variable limit
-        chunk = record_ids[i : i + 500]
-        marks = ", ".join("?" * len(chunk))
-        rows = conn.execute(f"SELECT record_id FROM usage WHERE record_id IN ({marks})", chunk)
+    for i in range(0, len(record_ids), _LOOKUP_IDS):
+        chunk = record_ids[i : i + _LOOKUP_IDS]
+        chunk += chunk[:1] * (_LOOKUP_IDS - len(chunk))  # one statement shape: see above
+        rows = conn.execute(_SELECT_EXISTING, chunk)
         found.update(row[0] for row in rows)
     return found
+
+
+_SELECT_EXISTING = (
+    f"SELECT record_id FROM usage WHERE record_id IN ({', '.join('?' * _LOOKUP_IDS)})"
+)
 
 
 def _probe(conn: sqlite3.Connection) -> None:
