@@ -25,7 +25,6 @@ import asyncio
 import logging
 import time
 import traceback
-from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -130,7 +129,7 @@ class Request:
         self.content_length = int(length) if length is not None else None
         self.version = protocol.parser.get_http_version()
         self.keep_alive = protocol.parser.should_keep_alive()
-        self._body: deque[bytes] = deque()
+        self._body: list[bytes] = []  # a list: an empty deque costs 600 bytes a request
         self.buffered = 0
         self._eof = False
         self._error: errors.ProxyError | None = None  # the body broke the HTTP framing
@@ -352,7 +351,7 @@ class HttpProtocol(asyncio.Protocol):
         self.response_started = False  # the current answer's head is out: no error page now
         self.request: Request | None = None  # the request whose body is being parsed
         self._drain: asyncio.Future[None] | None = None
-        self._queue: deque[Request] = deque()  # pipelined: parsed, waiting for their turn
+        self._queue: list[Request] = []  # pipelined: parsed, waiting for their turn (rare)
         self._task: asyncio.Task[None] | None = None  # answering ``_answering``
         self._answering: Request | None = None
         self._parsing = False  # between a request's first byte and its headers' end
@@ -549,7 +548,7 @@ class HttpProtocol(asyncio.Protocol):
             self.close()  # unread body bytes would be taken for the next request
             return
         if self._queue:
-            self._run(self._queue.popleft())
+            self._run(self._queue.pop(0))
             if not self._queue:
                 self.transport.resume_reading()  # type: ignore[union-attr]
         elif self._parsing:

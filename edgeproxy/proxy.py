@@ -291,11 +291,13 @@ async def attempt(
     t = upstream.timeouts
     now = asyncio.get_running_loop().time()
     connect_s = max(0.001, min(t.connect, deadline - now))
+    upstream_request = svc.upstream.post(
+        out.url, body=out.body, headers=out.headers, connect_timeout=connect_s
+    )
+    out.body = b""  # it is in the request's bytes now: a long stream must not hold a copy
     try:
         async with asyncio.timeout_at(min(now + t.first_byte, deadline)) as timer:
-            async with svc.upstream.post(
-                out.url, body=out.body, headers=out.headers, connect_timeout=connect_s
-            ) as resp:
+            async with upstream_request as resp:
                 if resp.status >= 300:
                     return await _upstream_error(ctx, resp, rt, state, key, headers)
                 if resp.content_type == "text/event-stream":

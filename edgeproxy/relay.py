@@ -182,9 +182,7 @@ async def relay_stream(
                 else "generic"
             )
         )
-        flt = PassThrough(
-            flavor, withhold_usage=withhold_usage, secrets=secret_bytes
-        )
+        flt = PassThrough(flavor, withhold_usage=withhold_usage, secrets=secret_bytes)
     loop = asyncio.get_running_loop()
     held: list[bytes] = []
     bumped = 0.0

@@ -403,6 +403,7 @@ class _RequestContext:
             conn = await client._connect(self._target, self._connect_timeout)
         try:
             resp = conn.send(self._data, self._head)
+            self._data = b""  # sent: a long stream must not hold the request bytes
             while not resp._headers_done:
                 if resp._exc is not None:
                     raise resp._exc
