@@ -171,6 +171,23 @@ class Request:
             self._protocol.body_taken()
         return data
 
+    def send(self, response: AnyResponse) -> AnyResponse:
+        """Write a whole ``Response`` now, so that work a handler does after its answer
+        (metering, logs) is not on the client's clock. A stream writes itself: returned
+        as it is. A body whose framing broke is answered with that error instead."""
+        if not isinstance(response, Response) or response.sent:
+            return response
+        protocol = self._protocol
+        if protocol.response_started or protocol.closed:
+            return response  # a stream's head is out already: _answer closes the connection
+        if self._error is not None:
+            response = error_response(self._error)  # broken framing wins over the answer
+        response.sent = protocol.response_started = True
+        length = b"Content-Length: %d\r\n" % len(response.body)
+        head = _head(response.status, response.headers, length, self.keep_alive)
+        protocol.write(head if self.method == "HEAD" else head + response.body)
+        return response
+
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; past ``limit`` bytes, 413."""
         parts = []
@@ -204,7 +221,7 @@ class Request:
 class Response:
     """A whole response: its head and body go out in one write."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "sent", "status")
 
     def __init__(
         self,
@@ -216,6 +233,7 @@ class Response:
         text: str | None = None,
     ) -> None:
         self.status = status
+        self.sent = False
         self.body = text.encode() if text is not None else body
         self.headers = dict(headers) if headers else {}
         if content_type is not None:
@@ -523,8 +541,6 @@ class HttpProtocol(asyncio.Protocol):
         self._task = None
         if self.closed:
             return
-        if request._error is not None and isinstance(response, Response):
-            response = error_response(request._error)  # broken framing wins over the answer
         if isinstance(response, StreamResponse):
             try:
                 if not response.prepared:
@@ -533,13 +549,11 @@ class HttpProtocol(asyncio.Protocol):
             except ConnectionError:
                 self.close()
                 return
-        elif self.response_started:
-            self.close()  # a handler failed after its head went out: the body is lost
-            return
-        else:
-            head = _head(response.status, response.headers, b"Content-Length: %d\r\n"
-                         % len(response.body), request.keep_alive)  # fmt: skip
-            self.write(head if request.method == "HEAD" else head + response.body)
+        elif not response.sent:
+            if self.response_started:
+                self.close()  # a handler failed after its head went out: the body is lost
+                return
+            request.send(response)
         self._next(request)
 
     def _next(self, answered: Request) -> None:

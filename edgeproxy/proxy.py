@@ -71,9 +71,10 @@ async def handle(request: Request, svc: Services, endpoint: str, dialect: str) -
     svc.metrics.inflight.inc()
     try:
         req = await request_filter(ctx, request, rt, svc)
-        return await proxy(ctx, request, req, rt, svc, headers)
+        # send() answers before the ``finally``: the client does not wait for log_request
+        return request.send(await proxy(ctx, request, req, rt, svc, headers))
     except errors.ProxyError as exc:
-        return fail_to_proxy(ctx, exc, headers)
+        return request.send(fail_to_proxy(ctx, exc, headers))
     except ClientGone:
         ctx.client_gone = True
         return ctx.response or Response(status=499)

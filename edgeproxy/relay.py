@@ -182,7 +182,9 @@ async def relay_stream(
                 else "generic"
             )
         )
-        flt = PassThrough(flavor, withhold_usage=withhold_usage, secrets=secret_bytes)
+        flt = PassThrough(
+            flavor, withhold_usage=withhold_usage, secrets=secret_bytes, stop_at_commit=True
+        )
     loop = asyncio.get_running_loop()
     held: list[bytes] = []
     bumped = 0.0
@@ -198,20 +200,25 @@ async def relay_stream(
                     raise AttemptFailed(502, errors.UpstreamError(f"upstream error: {message}"))
                 if out:
                     held.append(out)
-                if flt.content_seen and not flt.done:
-                    await _commit(ctx, request, {**headers, **SSE_HEADERS}, b"".join(held))
-                    held.clear()
-                    bumped = loop.time()
-                    deadline.reschedule(bumped + idle_s + step)
-            elif flt.done:
+                if not flt.content_seen or flt.done:
+                    if flt.done:
+                        break
+                    continue
+                await _commit(ctx, request, {**headers, **SSE_HEADERS}, b"".join(held))
+                held.clear()
+                bumped = loop.time()
+                deadline.reschedule(bumped + idle_s + step)
+                if not (isinstance(flt, PassThrough) and flt.pending):
+                    continue
+                out = flt.feed(b"")  # the rest of the read the first content came in
+            if flt.done:
                 held.append(out)  # the last bytes go out with the end of the stream
-            elif out:
+                break
+            if out:
                 await write(ctx, out)
                 if (now := loop.time()) - bumped > step and _has_content(out):
                     bumped = now
                     deadline.reschedule(now + idle_s + step)
-            if flt.done:
-                break
         try:
             held.append(flt.finish())
         except StreamError:  # an error event after content: that content goes out first

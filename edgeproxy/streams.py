@@ -52,14 +52,23 @@ class PassThrough:
         "error",
         "events",
         "flavor",
+        "stop_at_commit",
         "usage",
         "withhold_usage",
     )
 
     def __init__(
-        self, flavor: Flavor, *, withhold_usage: bool = False, secrets: tuple[bytes, ...] = ()
+        self,
+        flavor: Flavor,
+        *,
+        withhold_usage: bool = False,
+        secrets: tuple[bytes, ...] = (),
+        stop_at_commit: bool = False,
     ) -> None:
         self.flavor = flavor
+        # feed() returns at the first content event and keeps the rest of that read for a
+        # feed(b"") (``pending``): the relay sends the status line without waiting for it
+        self.stop_at_commit = stop_at_commit
         self._secrets = secrets  # an upstream's error event may name its URL or key
         self.withhold_usage = withhold_usage
         self.content_seen = False
@@ -80,8 +89,12 @@ class PassThrough:
             complete, self._tail = data, b""
         else:
             complete, self._tail = data[:cut], data[cut:]
-        self.events += complete.count(b"data:")
         return self._inspect(complete)
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of the last read wait for a ``feed(b"")`` (see ``_inspect``)."""
+        return bool(self._tail)
 
     def finish(self) -> bytes:
         """At upstream EOF: an unterminated last event, relayed as it is."""
@@ -103,6 +116,7 @@ class PassThrough:
                 marker = self._next_marker(complete, pos)
                 if marker < 0:
                     if pos == 0:
+                        self.events += complete.count(b"data:")
                         return complete
                     kept.append(complete[pos:])
                     break
@@ -113,6 +127,7 @@ class PassThrough:
             end = sse.event_end(complete, pos)
             event = complete[pos:end]
             pos = end
+            committing = not self.content_seen
             if not self._read_event(event):
                 changed = True  # withheld
                 continue
@@ -121,6 +136,14 @@ class PassThrough:
                 changed = changed or scrubbed is not event
                 event = scrubbed
             kept.append(event)
+            if committing and self.content_seen and pos < size and self.stop_at_commit:
+                # The commit point: return what goes out with the status line now, and
+                # keep the rest of this read for the next feed(), so that the first
+                # content does not wait for the inspection of everything after it.
+                self._tail = complete[pos:] + self._tail
+                self.events += complete.count(b"data:", 0, pos)
+                return b"".join(kept)
+        self.events += complete.count(b"data:")
         return b"".join(kept) if changed else complete
 
     def _next_marker(self, data: bytes, pos: int) -> int:

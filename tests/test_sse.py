@@ -81,6 +81,22 @@ def test_passthrough_is_byte_identical_at_every_split():
         )
 
 
+def test_stop_at_commit_returns_at_the_first_content_and_keeps_the_rest():
+    """The relay sends the status line with the first content event at once; the rest of
+    the same read comes from feed(b"") after it, and nothing is lost or counted twice."""
+    chunks = openai_stream(["Hel", "lo"], with_usage=True)
+    whole = b"".join(chunks)
+    flt = PassThrough("openai", stop_at_commit=True)
+    first = flt.feed(whole)
+    assert first == chunks[0] + chunks[1]  # the role chunk and the first content chunk
+    assert flt.content_seen and flt.pending and not flt.done
+    rest = flt.feed(b"")
+    assert first + rest + flt.finish() == whole
+    assert flt.done and not flt.pending
+    assert flt.events == whole.count(b"data:")
+    assert flt.usage is not None and flt.usage.prompt == OPENAI_USAGE["prompt_tokens"]
+
+
 def test_passthrough_hands_back_the_same_chunk_objects_after_content():
     chunks = openai_stream(["a", "b", "c"], with_usage=False)
     flt = PassThrough("openai")
