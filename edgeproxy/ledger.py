@@ -58,7 +58,9 @@ class Ledger:
     """Usage records, committed in batches by one writer connection; never blocks a caller.
 
     ``record`` appends to a bounded in-memory queue. A background task commits what is
-    queued at most ``interval_s`` after it arrived, in one transaction per batch:
+    queued at most ``interval_s`` after it arrived, on the event loop's thread (see
+    ``_with_lock_retries`` for why, and why that never waits on a lock), in one
+    transaction per batch:
     ``INSERT OR IGNORE`` by request id, and ``spent_usd`` raised only for rows that were
     new, so a replayed batch never bills twice. A failed batch stays queued and is
     retried. ``healthy`` turns False when a commit failed, when a record has waited
