@@ -23,7 +23,6 @@ import logging
 import math
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +33,7 @@ from edgeproxy.config import Config, ConfigError, load_config
 from edgeproxy.context import Services
 from edgeproxy.db import KeyCache, Ledger, prune_usage
 from edgeproxy.limits_ipc import RemoteLimits
+from edgeproxy.logs import setup_logging
 from edgeproxy.metrics import CONTENT_TYPE, Metrics
 from edgeproxy.runtime import Runtime, RuntimeRef
 from edgeproxy.upstream_client import UpstreamClient
@@ -463,24 +463,6 @@ async def serve(config: Config, path: str, limits_path: str | None = None) -> in
     await worker.stopping.wait()
     await worker.stop()
     return 0
-
-
-def setup_logging() -> None:
-    """JSON lines on stderr; the access log goes to stdout on its own (``accesslog``), and
-    journald keeps both."""
-    err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(_JsonFormatter())
-    root = logging.getLogger("edgeproxy")
-    root.addHandler(err)
-    root.setLevel(logging.INFO)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if message.startswith("{"):
-            return '{"level":"%s",%s' % (record.levelname.lower(), message[1:])  # noqa: UP031
-        return orjson.dumps({"level": record.levelname.lower(), "message": message}).decode()
 
 
 def run(config: Config, path: str, limits_path: str | None = None) -> int:

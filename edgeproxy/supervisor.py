@@ -48,9 +48,9 @@ def run(config: Config, path: str) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(rundir, "metrics")
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     try:
-        from edgeproxy import server
+        from edgeproxy.logs import setup_logging
 
-        server.setup_logging()
+        setup_logging()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(Supervisor(config, path, rundir).run())
     finally:
@@ -102,13 +102,20 @@ class Supervisor:
 
         limiter = LimiterServer(self.limits_path)
         await limiter.start()
-        metrics_site = await self._serve_metrics()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        # the workers first: the /metrics listener imports the HTTP layer (0.2 s) that
+        # they import too, and starting them is what "ready" waits for
         for index in range(self.config.workers):
             self._spawn(index)
+        try:
+            metrics_site = await self._serve_metrics()
+        except BaseException:  # e.g. metrics_listen in use: no worker outlives us
+            await self._stop_workers()
+            await limiter.close()
+            raise
         log.info(_line("supervisor_ready", workers=self.config.workers, pid=os.getpid()))
         watcher = asyncio.create_task(self._watch())
         await self.stopping.wait()
