@@ -229,8 +229,9 @@ async def relay_stream(
         ctx.usage = flt.usage
         ctx.events_out = flt.events
     rest = b"".join(held)
-    # A whole stream often arrives at once: then its status line, events and end go out
-    # in one write, as a JSON answer does.
+    # What is still held goes out with the end of the stream, in one write; with the
+    # status line too when the loop never committed: a translated stream whose content
+    # and end came in one read, or an empty stream on the last try.
     if ctx.response is None:
         if not flt.content_seen and not last:
             raise AttemptFailed(
