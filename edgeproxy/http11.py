@@ -28,13 +28,13 @@ import traceback
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import httptools
 import orjson
 
 from edgeproxy import errors
+from edgeproxy.headers import Headers
 
 log = logging.getLogger("edgeproxy")
 
@@ -52,19 +52,6 @@ WRITE_HIGH_WATER = 64 * 1024
 
 Handler = Callable[["Request"], Awaitable["Response"]]
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus} | {499: b"Client Closed Request"}
-
-
-class Headers(dict[str, str]):
-    """Request headers: lower-case names; ``get`` takes any case. A repeated header keeps
-    its first value (as aiohttp's ``headers.get`` does)."""
-
-    __slots__ = ()
-
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return dict.get(self, name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name.lower() if isinstance(name, str) else name)
 
 
 class BadHttpRequest(errors.ProxyError):
@@ -475,9 +462,7 @@ class HttpProtocol(asyncio.Protocol):
             raise BadHttpRequest("more than 128 headers")
         if len(name) + len(value) + 2 > MAX_LINE_SIZE:
             raise HeaderTooLarge()
-        key = name.decode("latin-1").lower()
-        if key not in self._headers:
-            self._headers[key] = value.decode("latin-1")
+        self._headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         self._parsing = False

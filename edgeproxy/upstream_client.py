@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import httptools
 
+from edgeproxy.headers import Headers
+
 # Pause reading above this much buffered, unconsumed body, so a slow client cannot make the
 # relay hold a whole upstream response. One socket read is up to 256 KiB too, so a stream
 # holds at most about 512 KiB; LLM responses and SSE events are far smaller than this.
@@ -46,24 +48,6 @@ _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 class UpstreamConnectionError(ConnectionError):  # an OSError subclass, on purpose
     """Connecting failed, or the connection broke / closed before the response was complete."""
-
-
-class Headers:
-    """Response headers: case-insensitive ``get`` and ``in``; the first value of a name wins."""
-
-    __slots__ = ("_d",)
-
-    def __init__(self) -> None:
-        self._d: dict[str, str] = {}
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self._d.get(name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._d
-
-    def __repr__(self) -> str:
-        return f"<Headers {sorted(self._d)}>"  # names only: values may be secrets
 
 
 class _Target(NamedTuple):
@@ -329,7 +313,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self._resp
         if resp is not None:
-            resp.headers._d.setdefault(
+            resp.headers.add(
                 name.decode("latin-1").lower(), value.decode("utf-8", "surrogateescape")
             )
 
