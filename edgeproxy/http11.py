@@ -66,7 +66,8 @@ class HeaderTooLarge(errors.ProxyError):
     code = "request_header_too_large"
     type = "invalid_request_error"
     message = (
-        "the request line or a header is longer than 8190 bytes, or there are more than 128 headers"
+        f"the request line or a header is longer than {MAX_LINE_SIZE} bytes, "
+        f"or there are more than {MAX_HEADERS} headers"
     )
 
 
@@ -78,10 +79,7 @@ class ExpectationFailed(errors.ProxyError):
 
 
 class InternalError(errors.ProxyError):
-    status = 500
-    code = "internal_error"
-    type = "server_error"
-    message = "internal error"
+    """A handler raised something unexpected (ProxyError's own defaults: 500)."""
 
 
 class Request:
@@ -170,9 +168,7 @@ class Request:
         if self._error is not None:
             response = error_response(self._error)  # broken framing wins over the answer
         response.sent = protocol.response_started = True
-        length = b"Content-Length: %d\r\n" % len(response.body)
-        head = _head(response.status, response.headers, length, self.keep_alive)
-        protocol.write(head if self.method == "HEAD" else head + response.body)
+        protocol.write(_whole(response, self.keep_alive, body=self.method != "HEAD"))
         return response
 
     async def read(self, limit: int | None = None) -> bytes:
@@ -520,7 +516,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         except Exception as exc:
             log.error(orjson.dumps({"event": "internal_error", "error": type(exc).__name__,
-                                    "where": where(exc)}).decode())  # fmt: skip
+                                    "where": _where(exc)}).decode())  # fmt: skip
             response = error_response(InternalError())
             request.keep_alive = False
         self._task = None
@@ -572,10 +568,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
             return
         if self._task is None and not self.closed:
-            response = error_response(exc)
-            head = _head(response.status, response.headers,
-                         b"Content-Length: %d\r\n" % len(response.body), False)  # fmt: skip
-            self.write(head + response.body)
+            self.write(_whole(error_response(exc), keep_alive=False))
         self.close()
 
     def _start_read_clock(self) -> None:
@@ -613,7 +606,7 @@ def _parser_error(exc: Exception) -> errors.ProxyError:
     return cause if isinstance(cause, errors.ProxyError) else BadHttpRequest()
 
 
-def where(exc: BaseException | None) -> str:
+def _where(exc: BaseException | None) -> str:
     """``file.py:line`` of the innermost frame: enough to find a bug, and no stack trace,
     message or value (which may hold a secret) in the log (SPEC §6)."""
     frames = traceback.extract_tb(exc.__traceback__) if exc is not None else []
@@ -650,6 +643,13 @@ def _date_header() -> bytes:
     if now != _date[0]:
         _date[0], _date[1] = now, b"Date: %s\r\n" % formatdate(now, usegmt=True).encode()
     return _date[1]  # type: ignore[return-value]
+
+
+def _whole(response: Response, keep_alive: bool, *, body: bool = True) -> bytes:
+    """A whole response's bytes: head with Content-Length, then (unless HEAD) its body."""
+    length = b"Content-Length: %d\r\n" % len(response.body)
+    head = _head(response.status, response.headers, length, keep_alive)
+    return head + response.body if body else head
 
 
 def _head(status: int, headers: dict[str, str], extra: bytes, keep_alive: bool) -> bytes:

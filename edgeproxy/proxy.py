@@ -27,7 +27,7 @@ from edgeproxy import errors, inbound, keys, outbound, relay
 from edgeproxy.context import RequestContext, Services, new_id
 from edgeproxy.db import UsageRecord
 from edgeproxy.dialects import anthropic, gemini
-from edgeproxy.http11 import AnyResponse, Request, Response
+from edgeproxy.http11 import AnyResponse, Request, Response, error_response
 from edgeproxy.limits import needs_limiter
 from edgeproxy.relay import AttemptFailed, ClientGone
 from edgeproxy.retry import KEY_REFUSED, delay, overall_deadline_s, should_retry
@@ -455,12 +455,7 @@ def fail_to_proxy(
         return ctx.response
     ctx.status = exc.status
     ctx.error_code = exc.code
-    body = exc.to_anthropic_json() if ctx.dialect == "anthropic" else exc.to_json()
-    return Response(
-        status=exc.status,
-        body=body,
-        headers={**headers, **exc.headers(), "Content-Type": "application/json"},
-    )
+    return error_response(exc, headers, anthropic=ctx.dialect == "anthropic")
 
 
 def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> None:
