@@ -116,20 +116,27 @@ def split(data: bytes) -> list[bytes]:
 
 
 def has_object(data: bytes, name: bytes) -> bool:
-    """True when ``"name"`` appears with an object value (``"usage":{``), not ``null``.
+    """True when ``"name"`` appears with an object value (``"usage":{``), not ``null``."""
+    return find_object(data, name) >= 0
 
-    OpenAI sends ``"usage":null`` in every chunk once include_usage is on, so a plain
-    substring test would send every chunk down the slow path.
-    """
-    return object_pattern(name).search(data) is not None
+
+def find_object(data: bytes, name: bytes, start: int = 0) -> int:
+    """Where ``"name"`` first appears with an object value at or after ``start``; -1 if
+    nowhere. OpenAI sends ``"usage":null`` in every chunk once include_usage is on: a find
+    and two counts in C rule a chunk of those out before any regex runs over it."""
+    quoted = b'"' + name + b'"'
+    first = data.find(quoted, start)
+    if first < 0 or data.count(quoted, first) == data.count(quoted + b":null", first):
+        return -1
+    match = _object_pattern(name).search(data, first)
+    return match.start() if match else -1
 
 
 _OBJECT_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
 
 
-def object_pattern(name: bytes) -> re.Pattern[bytes]:
-    """``"name"`` followed by an object value: one C-level regex search, not a Python loop
-    over every ``"usage":null`` of a stream."""
+def _object_pattern(name: bytes) -> re.Pattern[bytes]:
+    """``"name"`` followed by an object value, compiled once per name."""
     pattern = _OBJECT_PATTERNS.get(name)
     if pattern is None:
         pattern = re.compile(b'"' + re.escape(name) + rb'"[ \t\r\n:]*\{')

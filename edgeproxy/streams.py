@@ -149,14 +149,8 @@ class PassThrough:
     def _next_marker(self, data: bytes, pos: int) -> int:
         """Index of the first thing after ``pos`` that an event must be read for: a usage
         object, an error, or the end of the stream; -1 if there is none."""
-        found = []
-        # OpenAI puts "usage":null in every chunk once include_usage is on: finds and counts
-        # in C rule out a usage object faster than a regex over the whole chunk
-        first = data.find(b'"usage"', pos)
-        if first >= 0 and data.count(b'"usage"', first) != data.count(b'"usage":null', first):
-            usage = sse.object_pattern(b"usage").search(data, first)
-            if usage:
-                found.append(usage.start())
+        usage = sse.find_object(data, b"usage", pos)
+        found = [usage] if usage >= 0 else []
         end_marker = b"message_stop" if self.flavor == "anthropic" else b"data: [DONE]"
         for needle in (b'"error"', end_marker):
             index = data.find(needle, pos)
