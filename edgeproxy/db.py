@@ -55,8 +55,8 @@ __all__ = [  # the re-exported names are part of this module's API
     "KEY_CHANGES", "DbError", "InvalidValue", "KeyCache", "KeyExists", "KeyRecord", "KeyState",
     "Ledger", "NoSuchKey", "UsageRecord", "check_name", "connect", "create_key", "delete_key",
     "display_prefix", "get_key", "hash_secret", "init_db", "list_keys", "looks_like_secret",
-    "new_secret", "open_async", "prune_usage", "rotate_key", "set_disabled", "update_key",
-    "usage_report", "utc_today", "write",
+    "new_secret", "open_async", "open_connection", "prune_usage", "rotate_key", "set_disabled",
+    "update_key", "usage_report", "utc_today", "write",
 ]  # fmt: skip
 
 _LEDGER_NAMES = ("Ledger", "prune_usage", "usage_report")
@@ -154,20 +154,36 @@ def _init(conn: sqlite3.Connection) -> None:
         raise DbError(f"database schema version {row[0]} is newer than this edgeproxy knows")
 
 
+def open_connection(db_path: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A connection in autocommit mode, pragmas set, schema ready; DbError if it cannot
+    be opened. The caller closes it."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(
+            db_path,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+        )
+        _init(conn)
+    except sqlite3.Error as err:
+        if conn is not None:
+            conn.close()
+        raise DbError(f"database {db_path}: {err}") from None
+    return conn
+
+
 @contextlib.contextmanager
 def connect(db_path: str) -> Iterator[sqlite3.Connection]:
     """A short-lived connection, schema ready, in autocommit mode (``write()`` for a
     transaction); sqlite3 errors inside become DbError."""
-    conn: sqlite3.Connection | None = None
+    conn = open_connection(db_path)
     try:
-        conn = sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        _init(conn)
         yield conn
     except sqlite3.Error as err:
         raise DbError(f"database {db_path}: {err}") from None
     finally:
-        if conn is not None:
-            conn.close()
+        conn.close()
 
 
 @contextlib.contextmanager

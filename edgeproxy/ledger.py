@@ -24,7 +24,7 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
-from edgeproxy.db import _PRAGMAS, connect, init_db, utc_now_iso, write
+from edgeproxy.db import connect, open_connection, utc_now_iso, write
 from edgeproxy.records import DbError, InvalidValue, UsageRecord, check_expires
 
 log = logging.getLogger("edgeproxy.db")
@@ -251,14 +251,8 @@ class Ledger:
 
 def _open(db_path: str) -> sqlite3.Connection:
     """The ledger's connection: made in a thread, then used on the event loop only."""
-    init_db(db_path)  # raises DbError
+    conn = open_connection(db_path, check_same_thread=False)
     try:
-        conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as err:
-        raise DbError(f"database {db_path}: {err}") from None
-    try:
-        for pragma in _PRAGMAS:
-            conn.execute(pragma)
         conn.execute("PRAGMA busy_timeout=0")  # never block the loop: see _with_lock_retries
         conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
     except sqlite3.Error as err:
