@@ -132,6 +132,11 @@ def find_object(data: bytes, name: bytes, start: int = 0) -> int:
     return match.start() if match else -1
 
 
+def object_at(data: bytes, name: bytes, index: int) -> bool:
+    """True when the ``"name"`` at ``index`` has an object value."""
+    return _object_pattern(name).match(data, index) is not None
+
+
 _OBJECT_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
 
 
@@ -147,6 +152,9 @@ def _object_pattern(name: bytes) -> re.Pattern[bytes]:
 def event_end(data: bytes, start: int) -> int:
     """Where the event that begins at ``start`` ends (after its boundary), as ``split``
     would cut it; ``len(data)`` if it has no boundary."""
+    blank = data.find(b"\n\n", start)
+    if blank >= 0 and data.find(b"\r", start, blank) < 0:
+        return blank + 2  # no "\r" before it: the same boundary the pattern finds, sooner
     match = _BOUNDARY.search(data, start)
     return match.end() if match else len(data)
 

@@ -45,6 +45,8 @@ class PassThrough:
 
     __slots__ = (
         "_anthropic_usage",
+        "_end_marker",
+        "_resume",
         "_secrets",
         "_tail",
         "content_seen",
@@ -77,9 +79,16 @@ class PassThrough:
         self.usage: Usage | None = None
         self.events = 0  # content events relayed, for estimating tokens when no usage came
         self._tail = b""
+        self._resume: tuple[bytes, int] | None = None
+        self._end_marker = b"message_stop" if flavor == "anthropic" else b"data: [DONE]"
         self._anthropic_usage: dict[str, Any] = {}
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._resume is not None:  # the rest of the read the commit point came in
+            held, pos = self._resume
+            self._resume = None
+            out = self._inspect(held, pos)
+            return out + self.feed(chunk) if chunk else out
         data = self._tail + chunk if self._tail else chunk
         cut = sse.complete_len(data)
         if cut == 0:
@@ -89,35 +98,34 @@ class PassThrough:
             complete, self._tail = data, b""
         else:
             complete, self._tail = data[:cut], data[cut:]
-        return self._inspect(complete)
+        return self._inspect(complete, 0)
 
     @property
     def pending(self) -> bool:
-        """Bytes of the last read wait for a ``feed(b"")`` (see ``_inspect``)."""
-        return bool(self._tail)
+        """Events of the last read wait for a ``feed(b"")`` (see ``_inspect``)."""
+        return self._resume is not None
 
     def finish(self) -> bytes:
         """At upstream EOF: an unterminated last event, relayed as it is."""
+        held = self.feed(b"") if self._resume is not None else b""
         tail, self._tail = self._tail, b""
         if self.flavor == "generic":
             self.done = True
-        return tail
+        return held + tail
 
-    def _inspect(self, complete: bytes) -> bytes:
-        """Read the events that matter and relay all but a withheld usage event. Until the
-        commit point every event is read; after it only the events around a marker
-        (``_next_marker``): the plain events between them go on as they are, unread, and
-        a chunk without a marker is returned as the very same object (the hot path)."""
+    def _inspect(self, complete: bytes, pos: int) -> bytes:
+        """Read the events of ``complete[pos:]`` that matter and relay all but a withheld
+        usage event. Until the commit point every event is read; after it only the events
+        at a marker (``_next_marker``): the plain events between them go on as they are,
+        unread, and a chunk without a marker is returned as the very same object."""
+        first = pos
         kept: list[bytes] = []
         changed = False
-        pos, size = 0, len(complete)
+        size = len(complete)
         while pos < size:
             if self.content_seen:
                 marker = self._next_marker(complete, pos)
                 if marker < 0:
-                    if pos == 0:
-                        self.events += complete.count(b"data:")
-                        return complete
                     kept.append(complete[pos:])
                     break
                 start = sse.event_start(complete, pos, marker)
@@ -140,23 +148,41 @@ class PassThrough:
                 # The commit point: return what goes out with the status line now, and
                 # keep the rest of this read for the next feed(), so that the first
                 # content does not wait for the inspection of everything after it.
-                self._tail = complete[pos:] + self._tail
-                self.events += complete.count(b"data:", 0, pos)
+                self._resume = (complete, pos)
+                self._count_events(complete, first, pos)
                 return b"".join(kept)
-        self.events += complete.count(b"data:")
-        return b"".join(kept) if changed else complete
+        self._count_events(complete, first, size)
+        if not changed:
+            return complete if first == 0 else complete[first:]
+        return b"".join(kept)
+
+    def _count_events(self, data: bytes, start: int, end: int) -> None:
+        """``events`` estimates the completion when no usage comes: once usage is known,
+        counting (a scan of every byte) is no longer needed."""
+        if self.usage is None:
+            self.events += data.count(b"data:", start, end)
 
     def _next_marker(self, data: bytes, pos: int) -> int:
         """Index of the first thing after ``pos`` that an event must be read for: a usage
-        object, an error, or the end of the stream; -1 if there is none."""
-        usage = sse.find_object(data, b"usage", pos)
-        found = [usage] if usage >= 0 else []
-        end_marker = b"message_stop" if self.flavor == "anthropic" else b"data: [DONE]"
-        for needle in (b'"error"', end_marker):
-            index = data.find(needle, pos)
-            if index >= 0:
-                found.append(index)
+        object, an error, or the end of the stream; -1 if there is none.
+
+        Each search is a pass over the chunk, and a stream's whole answer can come in one
+        read (13 KB for 50 events): usage and the end come last in a stream, so they are
+        searched from the end. Only the last usage object of a read is read (usage is
+        cumulative; the usage-only chunk a client may not get is a stream's last), and
+        the last end marker. An error can be anywhere and is searched from ``pos``."""
+        found = [self._last_usage(data, pos), data.find(b'"error"', pos)]
+        found.append(data.rfind(self._end_marker, pos))
+        found = [index for index in found if index >= 0]
         return min(found) if found else -1
+
+    @staticmethod
+    def _last_usage(data: bytes, pos: int) -> int:
+        last = data.rfind(b'"usage"', pos)
+        if last < 0 or sse.object_at(data, b"usage", last):
+            return last
+        # the last is ``"usage":null`` (OpenAI's include_usage puts one in every chunk)
+        return sse.find_object(data, b"usage", pos)
 
     def _read_event(self, event: bytes) -> bool:
         """Update state from one event; False when the event must be withheld."""

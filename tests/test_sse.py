@@ -6,7 +6,7 @@ import pytest
 
 from edgeproxy import sse
 from edgeproxy.streams import PassThrough
-from tests.fakes import OPENAI_USAGE, anthropic_stream, openai_stream
+from tests.fakes import OPENAI_USAGE, anthropic_stream, openai_chunk, openai_stream
 
 EVENTS = [
     b"data: one\n\n",
@@ -81,10 +81,11 @@ def test_passthrough_is_byte_identical_at_every_split():
         )
 
 
-def test_stop_at_commit_returns_at_the_first_content_and_keeps_the_rest():
+@pytest.mark.parametrize("with_usage", [True, False])
+def test_stop_at_commit_returns_at_the_first_content_and_keeps_the_rest(with_usage):
     """The relay sends the status line with the first content event at once; the rest of
     the same read comes from feed(b"") after it, and nothing is lost or counted twice."""
-    chunks = openai_stream(["Hel", "lo"], with_usage=True)
+    chunks = openai_stream(["Hel", "lo"], with_usage=with_usage)
     whole = b"".join(chunks)
     flt = PassThrough("openai", stop_at_commit=True)
     first = flt.feed(whole)
@@ -93,8 +94,19 @@ def test_stop_at_commit_returns_at_the_first_content_and_keeps_the_rest():
     rest = flt.feed(b"")
     assert first + rest + flt.finish() == whole
     assert flt.done and not flt.pending
-    assert flt.events == whole.count(b"data:")
-    assert flt.usage is not None and flt.usage.prompt == OPENAI_USAGE["prompt_tokens"]
+    if with_usage:
+        assert flt.usage is not None and flt.usage.prompt == OPENAI_USAGE["prompt_tokens"]
+    else:  # events are what a missing usage is estimated from
+        assert flt.usage is None and flt.events == whole.count(b"data:")
+
+
+def test_a_pending_read_is_not_lost_at_eof():
+    chunks = openai_stream(["Hel", "lo"], with_usage=True)
+    whole = b"".join(chunks)
+    flt = PassThrough("openai", stop_at_commit=True)
+    first = flt.feed(whole)
+    assert flt.pending
+    assert first + flt.finish() == whole and flt.done
 
 
 def test_passthrough_hands_back_the_same_chunk_objects_after_content():
@@ -114,6 +126,24 @@ def test_withheld_usage_chunk_at_every_split():
         flt = PassThrough("openai", withhold_usage=True)
         assert run(flt, [whole[:cut], whole[cut:]]) == expected, cut
         assert flt.usage is not None and flt.usage.prompt == OPENAI_USAGE["prompt_tokens"]
+
+
+def test_usage_earlier_in_a_read_than_a_null_usage_is_still_read():
+    """Usage is searched from the end of a read; a last "usage":null sends the search
+    back to the start, so a usage object before it is not missed."""
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    chunks = [
+        openai_chunk({"role": "assistant", "content": "Hi"}, usage=None),
+        openai_chunk({"content": " there"}, usage=usage),
+        openai_chunk({}, "stop", usage=None),
+        b"data: [DONE]\n\n",
+    ]
+    whole = b"".join(chunks)
+    flt = PassThrough("openai")
+    assert flt.feed(chunks[0]) == chunks[0] and flt.content_seen
+    assert flt.feed(b"".join(chunks[1:])) == b"".join(chunks[1:])
+    assert flt.done and flt.usage is not None and flt.usage.prompt == 7
+    assert run(PassThrough("openai"), [whole]) == whole
 
 
 def test_anthropic_passthrough_reads_usage_and_the_end():
