@@ -265,13 +265,17 @@ def _commit(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     """One transaction: insert rows not yet there, and bill only those."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        seen = _existing(conn, [row[0] for row in rows])
-        fresh = []
-        for row in rows:
-            if row[0] not in seen:
-                seen.add(row[0])
-                fresh.append(row)
-        conn.executemany(_INSERT_USAGE, fresh)
+        conn.execute("SAVEPOINT batch")
+        before = conn.total_changes
+        conn.executemany(_INSERT_USAGE, rows)
+        fresh = rows
+        if conn.total_changes - before != len(rows):
+            # Some were in the ledger already (a batch tried again after a commit that did
+            # land, or one id twice): undo, then insert and bill only the new ones. The
+            # common case needs no lookup at all.
+            conn.execute("ROLLBACK TO batch")
+            fresh = _fresh(conn, rows)
+            conn.executemany(_INSERT_USAGE, fresh)
         spend: dict[int, float] = {}
         for row in fresh:
             key_id, cost = row[3], row[15]
@@ -287,15 +291,21 @@ def _commit(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
         raise
 
 
-def _existing(conn: sqlite3.Connection, record_ids: list[str]) -> set[str]:
-    """Record ids already in the ledger (under the write lock, so no race)."""
-    found: set[str] = set()
+def _fresh(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The rows whose record id is in neither the ledger nor an earlier row (under the
+    write lock, so no race)."""
+    seen: set[str] = set()
+    record_ids = [row[0] for row in rows]
     for i in range(0, len(record_ids), _LOOKUP_IDS):
         chunk = record_ids[i : i + _LOOKUP_IDS]
         chunk += chunk[:1] * (_LOOKUP_IDS - len(chunk))  # one statement shape: see above
-        rows = conn.execute(_SELECT_EXISTING, chunk)
-        found.update(row[0] for row in rows)
-    return found
+        seen.update(row[0] for row in conn.execute(_SELECT_EXISTING, chunk))
+    fresh = []
+    for row in rows:
+        if row[0] not in seen:
+            seen.add(row[0])
+            fresh.append(row)
+    return fresh
 
 
 _SELECT_EXISTING = (

@@ -282,10 +282,14 @@ async def test_ledger_never_bills_a_request_twice(path: str) -> None:
         await ledger.flush()
         ledger.record(usage("same", key_id=record.id, cost_usd=1.0))  # a later replay
         await ledger.flush()
+        ledger.record(usage("same", key_id=record.id, cost_usd=1.0))  # a replay, and
+        ledger.record(usage("new", key_id=record.id, cost_usd=0.5))  # a new one, together
+        await ledger.flush()
     finally:
         await ledger.close()
     assert query(path, "SELECT COUNT(*) FROM usage WHERE request_id = 'same'") == [(1,)]
-    assert db.get_key(path, "alice").spent_usd == 1.0
+    assert query(path, "SELECT COUNT(*) FROM usage WHERE request_id = 'new'") == [(1,)]
+    assert db.get_key(path, "alice").spent_usd == 1.5
 
 
 async def test_while_another_process_holds_the_write_lock_the_loop_runs_on(path: str) -> None:
