@@ -68,7 +68,6 @@ async def handle(request: Request, svc: Services, endpoint: str, dialect: str) -
     task = asyncio.current_task()
     svc.tasks.add(task)  # type: ignore[arg-type]
     svc.inflight += 1
-    svc.metrics.inflight.inc()
     try:
         req = await request_filter(ctx, request, rt, svc)
         # send() answers before the ``finally``: the client does not wait for log_request
@@ -89,7 +88,6 @@ async def handle(request: Request, svc: Services, endpoint: str, dialect: str) -
     finally:
         svc.tasks.discard(task)  # type: ignore[arg-type]
         svc.inflight -= 1
-        svc.metrics.inflight.dec()
         log_request(ctx, rt, svc, time.perf_counter())
 
 

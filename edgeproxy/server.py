@@ -34,7 +34,7 @@ from edgeproxy.context import Services
 from edgeproxy.db import KeyCache, Ledger, prune_usage
 from edgeproxy.limits_ipc import RemoteLimits
 from edgeproxy.logs import setup_logging
-from edgeproxy.metrics import CONTENT_TYPE, Metrics
+from edgeproxy.metrics import CONTENT_TYPE, FLUSH_EVERY_S, Metrics
 from edgeproxy.runtime import Runtime, RuntimeRef
 from edgeproxy.upstream_client import UpstreamClient
 
@@ -66,7 +66,6 @@ RESTART_ONLY = ("listen", "metrics_listen", "workers", "database")
 # days, so a pass every 6 hours keeps the table within a quarter-day of usage_retention.
 PRUNE_AFTER_S = 60.0
 PRUNE_EVERY_S = 6 * 3600.0
-HEALTH_PUBLISH_S = 2.0
 
 
 def make_dispatch(svc: Services) -> http11.Handler:
@@ -306,11 +305,13 @@ def _set_health(svc: Services) -> None:
     svc.metrics.set_health({s.name: s.healthy(now) for s in rt.upstreams.states})
 
 
-async def _publish_health(svc: Services) -> None:
-    """Under a supervisor nobody scrapes this worker: refresh its health gauge instead."""
+async def _publish_metrics(svc: Services) -> None:
+    """Under a supervisor nobody scrapes this worker: publish its tallies (and its upstream
+    health) into the shared metric files every FLUSH_EVERY_S instead."""
     while True:
         _set_health(svc)
-        await asyncio.sleep(HEALTH_PUBLISH_S)
+        svc.metrics.flush(svc.inflight)
+        await asyncio.sleep(FLUSH_EVERY_S)
 
 
 def make_metrics_handler(svc: Services) -> http11.Handler:
@@ -320,7 +321,9 @@ def make_metrics_handler(svc: Services) -> http11.Handler:
         if request.path != "/metrics":
             return _error(endpoints.not_found(request.path))
         _set_health(svc)
-        return http11.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return http11.Response(
+            body=svc.metrics.render(svc.inflight), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     return metrics
 
@@ -387,7 +390,7 @@ class Worker:
         self.svc = await open_services(self.config)
         if self.limits_path is not None:
             self.svc.limits = RemoteLimits(self.limits_path)
-            self._health_task = asyncio.create_task(_publish_health(self.svc))
+            self._health_task = asyncio.create_task(_publish_metrics(self.svc))
         sock = self.sock
         if sock is None:
             host, port = self.config.listen
@@ -444,6 +447,7 @@ class Worker:
         await self.site.close_all()
         if self._health_task is not None:
             self._health_task.cancel()
+            self.svc.metrics.flush(0)  # the last tallies, before the supervisor scrapes again
         if self.metrics_site is not None:
             self.metrics_site.stop_accepting()
             await self.metrics_site.close_all()

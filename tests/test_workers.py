@@ -92,17 +92,24 @@ async def test_two_workers_share_limits_metrics_and_restart(tmp_path: Path, fake
                 async with http.post(url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI},
                                      headers={"Authorization": f"Bearer {free}"}) as r:  # fmt: skip
                     assert r.status == 200
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
-                text = await r.text()
-        served = re.findall(
-            r'edgeproxy_requests_total\{code="200",model="gpt-4o-mini",upstream="fake-openai"\} (\S+)',
-            text,
-        )
-        refused = re.findall(
-            r'edgeproxy_requests_total\{code="429",model="gpt-4o-mini",upstream="none"\} (\S+)',
-            text,
-        )
+        # workers publish their counts every FLUSH_EVERY_S (1 s): poll a little longer
+        served: list[str] = []
+        refused: list[str] = []
+        for _ in range(30):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                    text = await r.text()
+            served = re.findall(
+                r'edgeproxy_requests_total\{code="200",model="gpt-4o-mini",upstream="fake-openai"\} (\S+)',
+                text,
+            )
+            refused = re.findall(
+                r'edgeproxy_requests_total\{code="429",model="gpt-4o-mini",upstream="none"\} (\S+)',
+                text,
+            )
+            if [float(x) for x in served] == [13.0] and [float(x) for x in refused] == [7.0]:
+                break
+            await asyncio.sleep(0.2)
         assert [float(x) for x in served] == [13.0] and [float(x) for x in refused] == [7.0]
         assert len(fake.requests) == 13
 
