@@ -308,16 +308,19 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_answering",
+        "_deadline",
         "_drain",
         "_head_bytes",
         "_header_count",
         "_headers",
         "_idle_since_answer",
+        "_on_deadline",
         "_parsing",
         "_queue",
         "_started_at",
         "_task",
         "_timer",
+        "_timer_at",
         "_url",
         "client_read_s",
         "closed",
@@ -356,8 +359,14 @@ class HttpProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None  # answering ``_answering``
         self._answering: Request | None = None
         self._parsing = False  # between a request's first byte and its headers' end
-        self._timer: asyncio.TimerHandle | None = None  # client_read or client_keepalive
-        self._idle_since_answer = False  # the timer is client_keepalive's
+        # The connection's one deadline (client_read or client_keepalive) and what happens
+        # then. Its timer is armed lazily (see _set_deadline): moving the deadline is an
+        # assignment, not a timer cancelled and made again for every request.
+        self._deadline: float | None = None
+        self._on_deadline: Callable[[], None] = self.close
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._idle_since_answer = False  # the deadline is client_keepalive's
         self._started_at = 0.0  # loop time of the current request's first byte
         self._url = b""
         self._headers = Headers()
@@ -373,7 +382,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
-        self._stop_timer()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: stop its upstream request too
         for request in (self.request, *self._queue):
@@ -549,9 +561,8 @@ class HttpProtocol(asyncio.Protocol):
         elif self._parsing:
             self._start_read_clock()  # the next request began arriving meanwhile
         else:
-            self._stop_timer()
             self._idle_since_answer = True
-            self._timer = self.loop.call_later(self.keepalive_s, self.close)
+            self._set_deadline(self.loop.time() + self.keepalive_s, self.close)
 
     # --- refusals and deadlines ---------------------------------------------------------
 
@@ -572,20 +583,43 @@ class HttpProtocol(asyncio.Protocol):
         self.close()
 
     def _start_read_clock(self) -> None:
-        self._stop_timer()
         self._idle_since_answer = False
         self._started_at = now = self.loop.time()
-        self._timer = self.loop.call_at(now + self.client_read_s, self._read_timeout)
+        self._set_deadline(now + self.client_read_s, self._read_timeout)
 
     def _read_timeout(self) -> None:
-        self._timer = None
         if self._task is None:
             self.close()  # headers still incomplete, or nothing came: nothing to answer
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
+        self._deadline = None  # the armed timer finds nothing due and is not re-armed
+
+    def _set_deadline(self, when: float, action: Callable[[], None]) -> None:
+        """Every deadline is set ``now`` + client_read or keepalive, and the timer is armed
+        at most the shorter of the two ahead: so a deadline set later never falls before
+        the armed timer, which then only needs re-arming when it fires early."""
+        self._deadline, self._on_deadline = when, action
+        if self._timer is None:
+            self._arm(self.loop.time())
+        elif self._timer_at > when:  # not expected (see above), but never late
             self._timer.cancel()
-            self._timer = None
+            self._arm(self.loop.time())
+
+    def _arm(self, now: float) -> None:
+        assert self._deadline is not None
+        self._timer_at = min(self._deadline, now + min(self.client_read_s, self.keepalive_s))
+        self._timer = self.loop.call_at(self._timer_at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._deadline is None or self.closed:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._arm(now)  # the deadline moved on since the timer was armed
+            return
+        self._deadline = None
+        self._on_deadline()
 
 
 def error_response(
