@@ -614,6 +614,26 @@ async def test_an_idle_kept_alive_connection_is_governed_by_client_keepalive(
         writer.close()
 
 
+async def test_keepalive_counts_from_the_last_answer_not_the_first(make_relay: MakeRelay):
+    """The connection's timer is armed lazily and only moved on when it fires: requests
+    every 0.6 s keep a 1 s keep-alive connection open past its first second, and once
+    idle it is closed about 1 s after its last answer."""
+    relay = await make_relay(timeouts={"client_read": "1s", "client_keepalive": "1s"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    request = b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n"
+    try:
+        for _ in range(4):  # 2.4 s in all: past the 1 s a first timer would have ended
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(int(split_response(head)[1]["content-length"]))
+            await asyncio.sleep(0.6)
+        elapsed = await closed_after(reader, 3.0)  # 0.6 s of the 1 s went by already
+    finally:
+        writer.close()
+    assert 0.2 < elapsed < 1.0
+
+
 async def test_a_big_body_does_not_leave_a_header_deadline_behind(make_relay: MakeRelay):
     """A body big enough to arrive in several reads may come before its handler starts;
     the header timer those bytes arm must not close the connection once it idles between
