@@ -290,8 +290,9 @@ class StreamResponse:
     def _frame(self, data: bytes, end: bool) -> bytes:
         if not self._chunked:
             return data
-        framed = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
-        return framed + b"0\r\n\r\n" if end else framed
+        if not data:
+            return b"0\r\n\r\n" if end else b""
+        return b"".join((b"%x\r\n" % len(data), data, b"\r\n0\r\n\r\n" if end else b"\r\n"))
 
 
 AnyResponse = Response | StreamResponse

@@ -119,18 +119,19 @@ class PassThrough:
         at a marker (``_next_marker``): the plain events between them go on as they are,
         unread, and a chunk without a marker is returned as the very same object."""
         first = pos
-        kept: list[bytes] = []
+        kept: list[bytes | memoryview] = []
+        view = memoryview(complete)  # unread runs are joined from it: one copy, not two
         changed = False
         size = len(complete)
         while pos < size:
             if self.content_seen:
                 marker = self._next_marker(complete, pos)
                 if marker < 0:
-                    kept.append(complete[pos:])
+                    kept.append(view[pos:])
                     break
                 start = sse.event_start(complete, pos, marker)
                 if start > pos:
-                    kept.append(complete[pos:start])
+                    kept.append(view[pos:start])
                 pos = start
             end = sse.event_end(complete, pos)
             event = complete[pos:end]
