@@ -206,11 +206,13 @@ async def relay_stream(
                     continue
                 await _commit(ctx, request, {**headers, **SSE_HEADERS}, b"".join(held))
                 held.clear()
-                bumped = loop.time()
-                deadline.reschedule(bumped + idle_s + step)
-                if not (isinstance(flt, PassThrough) and flt.pending):
-                    continue
-                out = flt.feed(b"")  # the rest of the read the first content came in
+                # the rest of the read the first content came in
+                out = flt.feed(b"") if isinstance(flt, PassThrough) and flt.pending else b""
+                if not flt.done:  # (a whole answer in one read needs no idle deadline)
+                    bumped = loop.time()
+                    deadline.reschedule(bumped + idle_s + step)
+                    if not out:
+                        continue
             if flt.done:
                 held.append(out)  # the last bytes go out with the end of the stream
                 break
