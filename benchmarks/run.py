@@ -334,6 +334,17 @@ def _deadline(signum: int, frame: object) -> None:
     raise TimeoutError("the run passed its --deadline")
 
 
+def compile_bytecode() -> None:
+    """Byte-compile edgeproxy's modules, as installing a package does: an editable checkout
+    run with PYTHONDONTWRITEBYTECODE set (as on this VM) compiles every module from source
+    at every start, about 80 ms more per process than a deployed relay spends."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", os.path.join(targets.ROOT, "edgeproxy")],
+        check=True,
+        timeout=120,
+    )
+
+
 def main() -> int:
     args = parse_args()
     for tool in ("nginx", "wrk"):
@@ -344,6 +355,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, _abort)
     signal.signal(signal.SIGALRM, _deadline)
     signal.alarm(int(args.deadline))
+    compile_bytecode()
     suite = Suite(args)
     suite.results["environment"] = environment()
     suite.results["settings"] = {
