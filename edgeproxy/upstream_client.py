@@ -42,6 +42,7 @@ _HIGH_WATER = 256 * 1024
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: methods, header names
 _BAD_VALUE = re.compile(r"[\r\n\0]")  # CR/LF would inject headers; NUL is never valid
+_CHECKED_MAX = 4096  # valid header lines remembered (a bound: client-forwarded values vary)
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")  # whitespace or controls would break the request line
 _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
@@ -430,6 +431,9 @@ class UpstreamClient:
         self._keepalive_s = keepalive_s
         self._ssl_context = ssl_context
         self._pools: dict[tuple[str, str, int], list[_Connection]] = {}
+        # Header lines found valid: a relay sends the same few (its keys, content type) on
+        # every request, and two regexes per header showed in profiles.
+        self._checked: set[tuple[str, str]] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
 
     def request(
@@ -447,9 +451,13 @@ class UpstreamClient:
             raise ValueError("invalid HTTP method")
         lines = [method + target.request_line_host, f"Content-Length: {len(body)}"]
         has_ua = has_ae = False
+        checked = self._checked
         for name, value in headers.items():
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise ValueError(f"invalid header {name!r}: CR, LF or NUL, or not a token")
+            if (name, value) not in checked:
+                if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                    raise ValueError(f"invalid header {name!r}: CR, LF or NUL, or not a token")
+                if len(checked) < _CHECKED_MAX:
+                    checked.add((name, value))
             lname = name.lower()
             if lname in ("host", "content-length", "transfer-encoding"):
                 continue  # the client frames the body and names the host; two would desync
