@@ -15,10 +15,6 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-
 # LLM latencies span milliseconds (cached, embeddings) to minutes (long reasoning streams).
 LATENCY_BUCKETS = (
     0.005,
@@ -41,7 +37,10 @@ LATENCY_BUCKETS = (
 )
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
-__all__ = ["CONTENT_TYPE", "Metrics", "mark_process_dead", "render_multiprocess"]
+__all__ = ["Metrics", "content_type", "mark_process_dead", "render_multiprocess"]
+
+# prometheus-client is imported on first use (a flush, a scrape): it costs a worker about
+# 20 ms of its start, and requests only need the tallies below.
 
 # With several workers, prometheus-client's multiprocess mode keeps every value in an
 # mmap'd file under PROMETHEUS_MULTIPROC_DIR (set by the supervisor before any worker
@@ -57,11 +56,28 @@ __all__ = ["CONTENT_TYPE", "Metrics", "mark_process_dead", "render_multiprocess"
 FLUSH_EVERY_S = 1.0
 
 
+def content_type() -> str:
+    """The Content-Type of what ``render`` and ``render_multiprocess`` return."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return CONTENT_TYPE_LATEST
+
+
 def render_multiprocess(path: str) -> bytes:
     """The supervisor's /metrics: every worker's values, aggregated."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=path)
     return generate_latest(registry)
+
+
+def mark_process_dead(pid: int, path: str) -> None:
+    """A worker exited: its live gauges (in-flight, health) stop counting."""
+    from prometheus_client.multiprocess import mark_process_dead as mark
+
+    mark(pid, path)
 
 
 @dataclass(slots=True)
@@ -102,12 +118,13 @@ def _add_to_histogram(child: Any, counts: list[int], total: float) -> None:
     child._sum.inc(total)
 
 
-class Metrics:
-    def __init__(self, *, per_key: bool = False) -> None:
-        self.registry = CollectorRegistry()
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.per_key = per_key
-        r = self.registry
+class _Families:
+    """The prometheus-client objects: the SPEC §7 metric families, in one registry."""
+
+    def __init__(self, per_key: bool) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "edgeproxy_requests",
             "Model requests by outcome",
@@ -144,17 +161,34 @@ class Metrics:
             "edgeproxy_upstream_healthy", "1 when the upstream is not ejected", ["upstream"],
             registry=r, multiprocess_mode="livemin",  # 0 as soon as one worker ejected it
         )  # fmt: skip
-        self._cache: dict[tuple[str, str, int], _Children] = {}
-        self._attempts: dict[tuple[str, str], Any] = {}  # labelled children, as _children()
-        self._tallies: dict[tuple[str, str, int], _Tally] = {}
-        self._attempt_counts: dict[tuple[str, str], int] = {}
-        self._key_counts: dict[tuple[str, str], tuple[int, float]] = {}
         self.key_requests = self.key_cost = None
         if per_key:
             self.key_requests = Counter(
                 "edgeproxy_key_requests", "Model requests per key", ["key", "code"], registry=r
             )
             self.key_cost = Counter("edgeproxy_key_cost_usd", "USD per key", ["key"], registry=r)
+
+
+class Metrics:
+    def __init__(self, *, per_key: bool = False) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.per_key = per_key
+        self._families: _Families | None = None
+        self._cache: dict[tuple[str, str, int], _Children] = {}
+        self._attempts: dict[tuple[str, str], Any] = {}  # labelled children, as _children()
+        self._tallies: dict[tuple[str, str, int], _Tally] = {}
+        self._attempt_counts: dict[tuple[str, str], int] = {}
+        self._key_counts: dict[tuple[str, str], tuple[int, float]] = {}
+
+    @property
+    def families(self) -> _Families:
+        if self._families is None:
+            self._families = _Families(self.per_key)
+        return self._families
+
+    @property
+    def registry(self) -> Any:
+        return self.families.registry
 
     def attempt(self, upstream: str, outcome: str) -> None:
         key = (upstream, outcome)
@@ -196,7 +230,8 @@ class Metrics:
 
     def flush(self, inflight: int) -> None:
         """Move the tallies into prometheus-client's values (its files, with workers)."""
-        self.inflight.set(inflight)
+        f = self.families
+        f.inflight.set(inflight)
         tallies, self._tallies = self._tallies, {}
         for key, t in tallies.items():
             c = self._children(*key)
@@ -214,14 +249,14 @@ class Metrics:
         for key, n in attempts.items():
             child = self._attempts.get(key)
             if child is None:
-                child = self._attempts[key] = self.attempts.labels(*key)
+                child = self._attempts[key] = f.attempts.labels(*key)
             child.inc(n)
         per_key, self._key_counts = self._key_counts, {}
-        if self.key_requests is not None and self.key_cost is not None:
+        if f.key_requests is not None and f.key_cost is not None:
             for (name, status), (n, usd) in per_key.items():
-                self.key_requests.labels(name, status).inc(n)
+                f.key_requests.labels(name, status).inc(n)
                 if usd:
-                    self.key_cost.labels(name).inc(usd)
+                    f.key_cost.labels(name).inc(usd)
 
     def _children(self, model: str, upstream: str, status: int) -> _Children:
         """The labelled series of one (model, upstream, status), looked up once: ``labels()``
@@ -229,22 +264,25 @@ class Metrics:
         key = (model, upstream, status)
         children = self._cache.get(key)
         if children is None:
+            f = self.families
             children = self._cache[key] = _Children(
-                requests=self.requests.labels(model, upstream, str(status)),
-                duration=self.duration.labels(model),
-                ttfb=self.ttfb.labels(model, upstream),
-                prompt=self.tokens.labels(model, "prompt"),
-                completion=self.tokens.labels(model, "completion"),
-                cached=self.tokens.labels(model, "cached"),
-                cost=self.cost.labels(model),
+                requests=f.requests.labels(model, upstream, str(status)),
+                duration=f.duration.labels(model),
+                ttfb=f.ttfb.labels(model, upstream),
+                prompt=f.tokens.labels(model, "prompt"),
+                completion=f.tokens.labels(model, "completion"),
+                cached=f.tokens.labels(model, "cached"),
+                cost=f.cost.labels(model),
             )
         return children
 
     def set_health(self, states: dict[str, bool]) -> None:
         for name, ok in states.items():
-            self.healthy.labels(name).set(1 if ok else 0)
+            self.families.healthy.labels(name).set(1 if ok else 0)
 
     def render(self, inflight: int) -> bytes:
         """A lone worker's /metrics: everything up to this request."""
+        from prometheus_client import generate_latest
+
         self.flush(inflight)
         return generate_latest(self.registry)

@@ -34,7 +34,7 @@ from edgeproxy.context import Services
 from edgeproxy.db import KeyCache, Ledger, prune_usage
 from edgeproxy.limits_ipc import RemoteLimits
 from edgeproxy.logs import setup_logging
-from edgeproxy.metrics import CONTENT_TYPE, FLUSH_EVERY_S, Metrics
+from edgeproxy.metrics import FLUSH_EVERY_S, Metrics, content_type
 from edgeproxy.runtime import Runtime, RuntimeRef
 from edgeproxy.upstream_client import UpstreamClient
 
@@ -322,7 +322,7 @@ def make_metrics_handler(svc: Services) -> http11.Handler:
             return _error(endpoints.not_found(request.path))
         _set_health(svc)
         return http11.Response(
-            body=svc.metrics.render(svc.inflight), headers={"Content-Type": CONTENT_TYPE}
+            body=svc.metrics.render(svc.inflight), headers={"Content-Type": content_type()}
         )
 
     return metrics

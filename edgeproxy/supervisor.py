@@ -196,14 +196,14 @@ class Supervisor:
         if self.config.metrics_listen is None:
             return None
         from edgeproxy import endpoints, http11
-        from edgeproxy.metrics import CONTENT_TYPE, render_multiprocess
+        from edgeproxy.metrics import content_type, render_multiprocess
         from edgeproxy.server import listen_socket, serve_socket
 
         async def metrics(request: http11.Request) -> http11.Response:
             if request.path != "/metrics":
                 return http11.error_response(endpoints.not_found(request.path))
             body = await asyncio.to_thread(render_multiprocess, self.metrics_dir)
-            return http11.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+            return http11.Response(body=body, headers={"Content-Type": content_type()})
 
         host, port = self.config.metrics_listen
         timeouts = self.config.timeouts
