@@ -122,7 +122,8 @@ def write_report(results: dict, header: dict) -> str:
         "",
         "Requests counted: "
         + ", ".join(
-            f"{name} {mode} {r['requests']:,}" + (f" (⚠ {r['errors']} errors)" if r["errors"] else "")
+            f"{name} {mode} {r['requests']:,}"
+            + (f" (⚠ {r['errors']} errors)" if r["errors"] else "")
             for name, by_mode in results.items()
             for mode, r in by_mode.items()
         )
