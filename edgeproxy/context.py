@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgeproxy.accesslog import AccessLog
+from edgeproxy.deadlines import Deadlines
 from edgeproxy.limits import Ticket
 from edgeproxy.limits_ipc import LocalLimits, RemoteLimits
 from edgeproxy.usage import Usage
@@ -80,6 +81,7 @@ class Services:
     metrics: Metrics
     limits: LocalLimits | RemoteLimits = field(default_factory=LocalLimits)
     access: AccessLog = field(default_factory=AccessLog)
+    deadlines: Deadlines = field(default_factory=Deadlines)  # the upstream tries' timeouts
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0
     draining: bool = False

@@ -295,7 +295,7 @@ async def attempt(
     )
     out.body = b""  # it is in the request's bytes now: a long stream must not hold a copy
     try:
-        async with asyncio.timeout_at(min(now + t.first_byte, deadline)) as timer:
+        async with svc.deadlines.at(min(now + t.first_byte, deadline)) as timer:
             async with upstream_request as resp:
                 if resp.status >= 300:
                     return await _upstream_error(ctx, resp, rt, state, key, headers)

@@ -21,6 +21,7 @@ import orjson
 
 from edgeproxy import errors
 from edgeproxy.context import RequestContext
+from edgeproxy.deadlines import Deadline
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.http11 import Request, Response, StreamResponse
 from edgeproxy.streams import PassThrough, StreamError, Translated
@@ -155,7 +156,7 @@ async def relay_stream(
     ctx: RequestContext,
     request: Request,
     resp: UpstreamResponse,
-    deadline: asyncio.Timeout,
+    deadline: Deadline,
     *,
     upstream_kind: str,
     translated: bool,
@@ -288,7 +289,7 @@ async def relay_bytes(
     ctx: RequestContext,
     request: Request,
     resp: UpstreamResponse,
-    deadline: asyncio.Timeout,
+    deadline: Deadline,
     *,
     idle_s: float,
     headers: dict[str, str],
