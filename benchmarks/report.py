@@ -239,7 +239,7 @@ def render(results: dict) -> str:
         f"Each wrk run {cfg.get('duration_s', '?')} s after {cfg.get('warmup_s', '?')} s of warm-up per mode, "
         f"{cfg.get('wrk_threads', '?')} wrk thread(s), targets interleaved per scenario, "
         f"{cfg.get('rounds', 1)} round(s) (median); first SSE event over {cfg.get('ttfe_count', '?')} "
-        f"sequential requests; ready time the median of {cfg.get('ready_trials', 1)} start(s)"
+        f"sequential requests in {cfg.get('rounds', 1)} interleaved round(s); ready time the median of {cfg.get('ready_trials', 1)} start(s)"
         f"{'; QUICK run' if cfg.get('quick') else ''}. ⚠ marks a run with errors.",
         "",
         table(results),
