@@ -106,3 +106,24 @@ async def test_many_requests_expire_exactly_when_due_and_the_heap_stays_small():
     assert all(outcomes[i] == ("timeout" if i % 2 == 0 else "done") for i in range(1000))
     assert len(deadlines) == 0
     assert len(deadlines._heap) <= 64 + 4 * 200  # stale entries are dropped as they pile up
+
+
+async def test_a_relay_under_load_leaves_no_deadline_behind(relay, http):
+    """Every upstream try enters and leaves a deadline: after 400 requests, 16 at a time,
+    none is live and the heap holds at most a rebuild's worth of stale entries."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {relay.key}"}
+    semaphore = asyncio.Semaphore(16)
+
+    async def one() -> int:
+        async with semaphore:
+            url = relay.url + "/v1/chat/completions"
+            async with http.post(url, json=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(400)))
+    assert statuses == [200] * 400
+    deadlines = relay.worker.svc.deadlines
+    assert len(deadlines) == 0
+    assert len(deadlines._heap) <= 64 + 4 * 16
