@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 import yaml
 
@@ -142,3 +143,11 @@ async def relay(relay_config: Path) -> AsyncIterator[Relay]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture
+async def client(relay: Relay) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official openai SDK, on the relay with its key (no SDK retries)."""
+    c = openai.AsyncOpenAI(base_url=relay.url + "/v1", api_key=relay.key, max_retries=0)
+    yield c
+    await c.close()

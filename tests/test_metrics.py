@@ -22,13 +22,6 @@ from tests.fakes import FakeUpstream, Json
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-async def client(relay: Relay):
-    c = openai.AsyncOpenAI(base_url=relay.url + "/v1", api_key=relay.key, max_retries=0)
-    yield c
-    await c.close()
-
-
 def scrape(relay: Relay) -> dict[tuple[str, frozenset], float]:
     svc = relay.worker.svc
     text = svc.metrics.render(svc.inflight).decode()

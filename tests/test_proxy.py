@@ -8,7 +8,6 @@ import re
 import sqlite3
 
 import aiohttp
-import openai
 import orjson
 import pytest
 
@@ -16,13 +15,6 @@ from tests.conftest import UPSTREAM_KEY, Relay
 from tests.fakes import FakeUpstream, Json, Sse, openai_completion, openai_stream
 
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-async def client(relay: Relay):
-    c = openai.AsyncOpenAI(base_url=relay.url + "/v1", api_key=relay.key, max_retries=0)
-    yield c
-    await c.close()
 
 
 def ledger_rows(relay: Relay) -> list[dict]:
