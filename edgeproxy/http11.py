@@ -475,7 +475,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._parsing = False
-        self._stop_timer()
+        self._clear_deadline()
         method = self.parser.get_method().decode("latin-1")
         request = Request(self, method, self._url, self._headers, self._started_at)
         self.request = request
@@ -592,7 +592,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._task is None:
             self.close()  # headers still incomplete, or nothing came: nothing to answer
 
-    def _stop_timer(self) -> None:
+    def _clear_deadline(self) -> None:
         self._deadline = None  # the armed timer finds nothing due and is not re-armed
 
     def _set_deadline(self, when: float, action: Callable[[], None]) -> None:

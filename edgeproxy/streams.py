@@ -172,10 +172,12 @@ class PassThrough:
         searched from the end. Only the last usage object of a read is read (usage is
         cumulative; the usage-only chunk a client may not get is a stream's last), and
         the last end marker. An error can be anywhere and is searched from ``pos``."""
-        found = [self._last_usage(data, pos), data.find(b'"error"', pos)]
-        found.append(data.rfind(self._end_marker, pos))
-        found = [index for index in found if index >= 0]
-        return min(found) if found else -1
+        found = (
+            self._last_usage(data, pos),
+            data.find(b'"error"', pos),
+            data.rfind(self._end_marker, pos),
+        )
+        return min((index for index in found if index >= 0), default=-1)
 
     @staticmethod
     def _last_usage(data: bytes, pos: int) -> int:
