@@ -45,7 +45,7 @@ def check_state(key: KeyRecord, today: dt.date | None = None) -> None:
     """Key-level refusals that do not depend on the model."""
     if key.disabled:
         raise errors.KeyDisabled(f"key '{key.name}' is disabled")
-    if key.expires is not None and key.expired(today or dt.datetime.now(dt.UTC).date()):
+    if key.expired(today):  # today's date is looked up only for a key that expires
         raise errors.KeyExpired(f"key '{key.name}' expired on {key.expires}")
 
 

@@ -10,7 +10,6 @@ URL or client-supplied string ever becomes a label.
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
@@ -171,7 +170,6 @@ class _Families:
 
 class Metrics:
     def __init__(self, *, per_key: bool = False) -> None:
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.per_key = per_key
         self._families: _Families | None = None
         self._cache: dict[tuple[str, str, int], _Children] = {}
