@@ -48,6 +48,9 @@ def fields(event: bytes) -> tuple[str, bytes]:
     Comment lines (``:``) and other fields are ignored; several ``data:`` lines join with
     ``\\n`` as the SSE spec says.
     """
+    last_line = len(event) - 2
+    if event.startswith(b"data: ") and event.find(b"\n") == last_line and b"\r" not in event:
+        return "", event[6:last_line]  # one "data: " line and its "\n\n": most events
     name = ""
     data: list[bytes] = []
     for line in event.splitlines():
@@ -80,6 +83,8 @@ def complete_len(data: bytes) -> int:
 
     ``rfind`` calls in C: cheap enough to run on every chunk of a stream.
     """
+    if data.endswith(b"\n\n") and data[-3:-2] not in (b"\n", b"\r"):
+        return len(data)  # ends on a lone "\n\n": the common case, no search at all
     if b"\r" not in data:  # the common case: one reverse search, not three full scans
         found = data.rfind(b"\n\n")
         end = found + 2 if found >= 0 else 0

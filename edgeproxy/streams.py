@@ -172,12 +172,15 @@ class PassThrough:
         searched from the end. Only the last usage object of a read is read (usage is
         cumulative; the usage-only chunk a client may not get is a stream's last), and
         the last end marker. An error can be anywhere and is searched from ``pos``."""
-        found = (
+        first = -1
+        for index in (
             self._last_usage(data, pos),
             data.find(b'"error"', pos),
             data.rfind(self._end_marker, pos),
-        )
-        return min((index for index in found if index >= 0), default=-1)
+        ):
+            if index >= 0 and (first < 0 or index < first):
+                first = index
+        return first
 
     @staticmethod
     def _last_usage(data: bytes, pos: int) -> int:

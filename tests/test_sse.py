@@ -40,8 +40,9 @@ def test_scanner_one_byte_at_a_time_and_unterminated_tail():
     assert got == EVENTS and tail == b"data: partial"
 
 
-def test_complete_len_agrees_with_split():
-    whole = b"".join(EVENTS)
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_complete_len_agrees_with_split(newline: bytes):
+    whole = b"".join([*EVENTS, b"data: after a blank\n\n\n"]).replace(b"\n", newline)
     for end in range(len(whole) + 1):
         data = whole[:end]
         cut = sse.complete_len(data)
@@ -54,6 +55,12 @@ def test_fields_and_comments():
     assert sse.fields(b'event: message_start\ndata: {"a":1}\n\n') == ("message_start", b'{"a":1}')
     assert sse.fields(b"data:x\ndata: y\n\n") == ("", b"x\ny")
     assert sse.fields(b": ping\n\n") == ("", b"")
+    # one "data: " line is read without splitting; anything else takes the general way
+    assert sse.fields(b"data: {}\n\n") == ("", b"{}")
+    assert sse.fields(b"data: \n\n") == ("", b"")
+    assert sse.fields(b"data: a\rdata: b\n\n") == ("", b"a\nb")
+    assert sse.fields(b"data: a\r\n\r\n") == ("", b"a")
+    assert sse.fields(b"data: a\ndata: b\n\n") == ("", b"a\nb")
     assert sse.is_comment_only(b": ping\n\n") and not sse.is_comment_only(b"data: 1\n\n")
 
 
