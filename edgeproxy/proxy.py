@@ -305,7 +305,7 @@ async def attempt(
                         upstream_kind=upstream.kind, translated=out.translated,
                         withhold_usage=ctx.stream and not ctx.client_wants_usage,
                         last=last, idle_s=t.idle, headers=headers, secrets=rt.secrets,
-                        secret_bytes=rt.secret_bytes,
+                        secret_bytes=rt.secret_bytes, first_alone=svc.inflight <= 1,
                     )  # fmt: skip
                 if resp.content_type == "application/json" or out.translated:
                     return await relay.relay_json(

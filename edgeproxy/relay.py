@@ -166,8 +166,17 @@ async def relay_stream(
     headers: dict[str, str],
     secrets: tuple[str, ...] = (),
     secret_bytes: tuple[bytes, ...] = (),
+    first_alone: bool = True,
 ) -> StreamResponse:
-    """SSE: hold the status line until the first content event, then relay as it comes."""
+    """SSE: hold the status line until the first content event, then relay as it comes.
+
+    ``first_alone``: send the first content event the moment it is read, before the rest
+    of the same read is inspected, in a write of its own. The proxy asks for it when the
+    worker has no other request in flight. A busy worker sends such a read in one write:
+    the second write costs about 25 us of CPU (mostly the kernel waking the client), taken
+    from every other request, to send the first event some 20 us sooner; when an upstream
+    sends its whole answer at once (a cache, a buffering relay) that is all the client gets
+    from it (benchmarks/README.md, "Reading them")."""
     flt: PassThrough | Translated
     if translated:
         # an Anthropic client always gets usage (in message_delta), so ask the translator for it
@@ -184,7 +193,7 @@ async def relay_stream(
             )
         )
         flt = PassThrough(
-            flavor, withhold_usage=withhold_usage, secrets=secret_bytes, stop_at_commit=True
+            flavor, withhold_usage=withhold_usage, secrets=secret_bytes, stop_at_commit=first_alone
         )
     loop = asyncio.get_running_loop()
     held: list[bytes] = []

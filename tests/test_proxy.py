@@ -91,6 +91,36 @@ async def test_injected_usage_chunk_is_withheld_but_metered(relay: Relay, fake: 
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (11, 7, 0)
 
 
+async def test_a_whole_answer_in_one_read_is_relayed_alike_by_a_busy_worker(
+    relay: Relay, fake: FakeUpstream, http
+):
+    """An idle worker sends the first content event in a write of its own; a busy one sends
+    a read that holds the whole answer in one write. The client gets the same bytes, the
+    withheld usage chunk stays withheld, and both are metered."""
+    answer = openai_stream(["Hello", " there"], with_usage=True)
+    usage_chunk = answer[-2]
+    expected = b"".join(c for c in answer if c is not usage_chunk)
+    auth = {"Authorization": f"Bearer {relay.key}"}
+    body = {"model": "gpt-4o-mini", "messages": HI, "stream": True}
+
+    async def whole_answer() -> bytes:
+        fake.push(Sse([b"".join(answer)]))
+        async with http.post(relay.url + "/v1/chat/completions", json=body, headers=auth) as r:
+            return await r.read()
+
+    assert await whole_answer() == expected  # idle
+    fake.push(Sse(openai_stream(["busy"], with_usage=False)[:2], then="hang"))
+    async with http.post(relay.url + "/v1/chat/completions", json=body, headers=auth) as held:
+        assert held.status == 200 and relay.worker.svc.inflight == 1  # committed, held open
+        assert await whole_answer() == expected  # busy
+    await relay.settle()
+    rows = [r for r in ledger_rows(relay) if r["status"] == 200]
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in rows] == [
+        (11, 7, 0),
+        (11, 7, 0),
+    ]
+
+
 async def test_stream_split_at_odd_boundaries_keeps_events_intact(
     relay: Relay, fake: FakeUpstream, http
 ):
