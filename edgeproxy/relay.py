@@ -170,13 +170,13 @@ async def relay_stream(
 ) -> StreamResponse:
     """SSE: hold the status line until the first content event, then relay as it comes.
 
-    ``first_alone``: send the first content event the moment it is read, before the rest
-    of the same read is inspected, in a write of its own. The proxy asks for it when the
+    ``first_alone``: send the first content event the moment it is read, in a write of its
+    own, before the rest of the same read is inspected. The proxy asks for it when the
     worker has no other request in flight. A busy worker sends such a read in one write:
-    the second write costs about 25 us of CPU (mostly the kernel waking the client), taken
-    from every other request, to send the first event some 20 us sooner; when an upstream
-    sends its whole answer at once (a cache, a buffering relay) that is all the client gets
-    from it (benchmarks/README.md, "Reading them")."""
+    the split gets the first event out tens of microseconds sooner, and costs about 25 us
+    of CPU (mostly the kernel waking the client) that every other request waits for
+    (benchmarks/README.md, "Reading them"). Only reads that hold more than the first event
+    differ: an upstream that sends its whole answer at once, or several events together."""
     flt: PassThrough | Translated
     if translated:
         # an Anthropic client always gets usage (in message_delta), so ask the translator for it
