@@ -384,13 +384,13 @@ class Worker:
         # Under a supervisor: its limiter is the node's, and it serves /metrics itself.
         self.limits_path = limits_path
         self.stopping = asyncio.Event()
-        self._health_task: asyncio.Task[None] | None = None
+        self._publish_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.svc = await open_services(self.config)
         if self.limits_path is not None:
             self.svc.limits = RemoteLimits(self.limits_path)
-            self._health_task = asyncio.create_task(_publish_metrics(self.svc))
+            self._publish_task = asyncio.create_task(_publish_metrics(self.svc))
         sock = self.sock
         if sock is None:
             host, port = self.config.listen
@@ -445,8 +445,8 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
         await self.site.close_all()
-        if self._health_task is not None:
-            self._health_task.cancel()
+        if self._publish_task is not None:
+            self._publish_task.cancel()
             self.svc.metrics.flush(0)  # the last tallies, before the supervisor scrapes again
         if self.metrics_site is not None:
             self.metrics_site.stop_accepting()

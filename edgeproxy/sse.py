@@ -120,11 +120,6 @@ def split(data: bytes) -> list[bytes]:
     return events
 
 
-def has_object(data: bytes, name: bytes) -> bool:
-    """True when ``"name"`` appears with an object value (``"usage":{``), not ``null``."""
-    return find_object(data, name) >= 0
-
-
 def find_object(data: bytes, name: bytes, start: int = 0) -> int:
     """Where ``"name"`` first appears with an object value at or after ``start``; -1 if
     nowhere. OpenAI sends ``"usage":null`` in every chunk once include_usage is on: a find
