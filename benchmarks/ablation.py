@@ -151,7 +151,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per mode")
     args = p.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
