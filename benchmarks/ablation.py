@@ -1,7 +1,7 @@
 """What each part of a request costs: edgeproxy (workers: 1) with parts switched off,
 against the product and the minimal relay, in CPU time per request.
 
-``.venv/bin/python benchmarks/ablation.py`` (about 6 minutes; needs nginx and wrk)
+``.venv/bin/python benchmarks/ablation.py`` (about 9 minutes; needs nginx and wrk)
 starts the nginx mock, the minimal relay, edgeproxy and one edgeproxy per variant of
 ``VARIANTS`` (``ablated_edgeproxy.py``: the same code with a part replaced by nothing).
 For JSON, then SSE, it warms every target up, then runs wrk at 16 connections on each in
