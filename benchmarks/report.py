@@ -26,6 +26,14 @@ GOAL_SLOW_KB = 20.0  # RSS per open stream
 GOAL_READY_S = 0.5
 
 
+# Where the reasons are measured: a run's figures cannot say why a target was missed.
+WHY_NOT_MET = (
+    'Why a target is NOT MET: benchmarks/README.md, "Reading them"; for the req/s ratios '
+    "with results/ablation.md (`benchmarks/ablation.py`), which prices each part of a "
+    "request by switching it off in turn."
+)
+
+
 @dataclass
 class Verdict:
     label: str
@@ -245,6 +253,8 @@ def render(results: dict) -> str:
         table(results),
     ]
     notes = results.get("notes", [])
+    if any(v.met is False for v in verdicts(results)):
+        notes = [*notes, WHY_NOT_MET]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
