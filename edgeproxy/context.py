@@ -22,6 +22,7 @@ from edgeproxy.usage import Usage
 if TYPE_CHECKING:
     import aiohttp
 
+    from edgeproxy.bookkeeping import Bookkeeper
     from edgeproxy.db import KeyCache, KeyRecord, Ledger
     from edgeproxy.http11 import Response, StreamResponse
     from edgeproxy.metrics import Metrics
@@ -79,6 +80,7 @@ class Services:
     keys: KeyCache
     ledger: Ledger
     metrics: Metrics
+    bookkeeper: Bookkeeper  # metrics, usage records and access log lines, in batches
     limits: LocalLimits | RemoteLimits = field(default_factory=LocalLimits)
     access: AccessLog = field(default_factory=AccessLog)
     deadlines: Deadlines = field(default_factory=Deadlines)  # the upstream tries' timeouts

@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from edgeproxy import errors, inbound, keys, outbound, relay
+from edgeproxy.bookkeeping import usage_and_cost
 from edgeproxy.context import RequestContext, Services, new_id
-from edgeproxy.db import UsageRecord
 from edgeproxy.dialects import anthropic, gemini
 from edgeproxy.http11 import AnyResponse, Request, Response, error_response
 from edgeproxy.limits import needs_limiter
@@ -457,44 +457,13 @@ def fail_to_proxy(
 
 
 def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> None:
-    """Always runs, never awaits: metrics, the access log line, the ledger record."""
+    """Always runs, never awaits: settles a rate-limit ticket now, and queues the request
+    for its metrics, usage record and access log line (``bookkeeping``)."""
     if ctx.key is None:
         return  # unauthenticated: nothing to bill, nobody to name (SPEC §4)
     if ctx.client_gone and ctx.status in (0, 200):
         ctx.status = 499  # nginx's "client closed request"
-    usage = ctx.usage
-    estimated = usage is None or ctx.client_gone
-    if usage is None:
-        usage = Usage(estimated=True)
-        if ctx.upstream != "none" and ctx.status in (200, 499):
-            usage.prompt = estimate_tokens(ctx.prompt_bytes)
-            usage.completion = ctx.events_out
-    rule = rt.model_rule(ctx.model) if ctx.model else None
-    cost = cost_usd(rule.price if rule else None, usage)
-    if ctx.ticket is not None:  # first: a slot must never leak, whatever fails below
+    if ctx.ticket is not None:  # now: a slot must never leak, and the next request needs it
+        usage, _, cost = usage_and_cost(ctx, rt)
         svc.limits.settle(ctx.ticket, usage.prompt + usage.completion, cost)
-    latency = now - ctx.started
-    label = rt.model_label(ctx.model) if ctx.model else "other"
-    svc.metrics.observe(
-        model=label, upstream=ctx.upstream, status=ctx.status, duration_s=latency, ttfb_s=ctx.ttfb,
-        prompt=usage.prompt, completion=usage.completion, cached=usage.cached, cost_usd=cost,
-        key_name=ctx.key.name,
-    )  # fmt: skip
-    record = UsageRecord(
-        record_id=ctx.record_id,
-        request_id=ctx.request_id, ts=ctx.ts, key_id=ctx.key.id, key_name=ctx.key.name,
-        model=ctx.model, upstream=ctx.upstream, endpoint=ctx.endpoint, status=ctx.status,
-        attempts=ctx.attempts, latency_ms=round(latency * 1000, 3),
-        ttfb_ms=round(ctx.ttfb * 1000, 3) if ctx.ttfb is not None else None,
-        prompt_tokens=usage.prompt, completion_tokens=usage.completion,
-        cached_tokens=usage.cached, cost_usd=cost, estimated=estimated,
-    )  # fmt: skip
-    svc.ledger.record(record)
-    svc.access.write({
-        "ts": round(ctx.ts, 3), "request_id": ctx.request_id, "key": ctx.key.name,
-        "endpoint": ctx.endpoint, "model": ctx.model[:256], "upstream": ctx.upstream,
-        "status": ctx.status, "code": ctx.error_code or None, "attempts": ctx.attempts,
-        "latency_ms": record.latency_ms, "ttfb_ms": record.ttfb_ms,
-        "prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
-        "cached_tokens": usage.cached, "cost_usd": round(cost, 8), "estimated": estimated,
-    })  # fmt: skip
+    svc.bookkeeper.add(ctx, rt, now)

@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from edgeproxy import __version__, admin, endpoints, errors, http11, proxy
+from edgeproxy.accesslog import AccessLog
+from edgeproxy.bookkeeping import Bookkeeper
 from edgeproxy.config import Config, ConfigError, load_config
 from edgeproxy.context import Services
 from edgeproxy.db import KeyCache, Ledger, prune_usage
@@ -265,16 +267,21 @@ def listen_socket(host: str, port: int, *, reuse_port: bool, backlog: int = 1024
 async def open_services(config: Config) -> Services:
     keys = await KeyCache.open(config.database)
     ledger = await Ledger.open(config.database)
+    metrics = Metrics(per_key=config.metrics.per_key)
+    access = AccessLog()
     return Services(
         ref=RuntimeRef(Runtime.build(config)),
         upstream=UpstreamClient(user_agent=f"edgeproxy/{__version__}", keepalive_s=60.0),
         keys=keys,
         ledger=ledger,
-        metrics=Metrics(per_key=config.metrics.per_key),
+        metrics=metrics,
+        bookkeeper=Bookkeeper(metrics=metrics, ledger=ledger, access=access),
+        access=access,
     )
 
 
 async def close_services(svc: Services) -> None:
+    svc.bookkeeper.drain()  # the last requests' records, before the ledger closes
     await svc.limits.close()
     await svc.upstream.close()
     await svc.close_image_session()
@@ -310,6 +317,7 @@ async def _publish_metrics(svc: Services) -> None:
     health) into the shared metric files every FLUSH_EVERY_S instead."""
     while True:
         _set_health(svc)
+        svc.bookkeeper.drain()
         svc.metrics.flush(svc.inflight)
         await asyncio.sleep(FLUSH_EVERY_S)
 
@@ -321,6 +329,7 @@ def make_metrics_handler(svc: Services) -> http11.Handler:
         if request.path != "/metrics":
             return _error(endpoints.not_found(request.path))
         _set_health(svc)
+        svc.bookkeeper.drain()  # every request that has ended, counted
         return http11.Response(
             body=svc.metrics.render(svc.inflight), headers={"Content-Type": content_type()}
         )
@@ -445,6 +454,7 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
         await self.site.close_all()
+        svc.bookkeeper.drain()
         if self._publish_task is not None:
             self._publish_task.cancel()
             self.svc.metrics.flush(0)  # the last tallies, before the supervisor scrapes again

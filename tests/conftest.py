@@ -101,7 +101,8 @@ class Relay:
         return secret
 
     async def settle(self) -> None:
-        """Wait for the ledger to commit what it holds (tests read the database)."""
+        """Wait for the ledger to commit every finished request (tests read the database)."""
+        self.worker.svc.bookkeeper.drain()
         await self.worker.svc.ledger.flush()
 
 
