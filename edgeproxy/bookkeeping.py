@@ -1,13 +1,16 @@
 """After the answer: each finished request's metrics, usage record and access log line.
 
-Job: ``Bookkeeper.add(ctx, rt, now)`` queues a finished request; ``drain()`` books every
-queued one: metrics tallied, a ``UsageRecord`` handed to the ledger, an access log line
-written. It drains itself ``BATCH_S`` after the first request it queued, or at once at
-``BATCH_MAX``; the server drains it before metrics are read and at shutdown.
+Job: ``Bookkeeper.add(ctx, rt, now, idle=...)`` queues a finished request; ``drain()``
+books every queued one: metrics tallied, a ``UsageRecord`` handed to the ledger, an
+access log line written. A busy worker's requests wait for a batch: it drains itself
+``BATCH_S`` after the first request it queued, or at once at ``BATCH_MAX``. A worker
+with nothing else in flight books at once, while its client reads the answer. The server
+drains it before metrics are read and at shutdown.
 
 Why batches: done per request, between other requests' socket calls, this code ran
-cache-cold; the same work done for a batch of requests at a time cost a JSON request
-about 10 us less (benchmarks/README.md). Nothing here is anything a client or the next
+cache-cold; the same work done for a batch of requests at a time cost a request about
+10 us less (benchmarks/README.md). Why not when idle: a batch booked while the next
+request is in flight delays that request. Nothing here is anything a client or the next
 request waits for: a rate-limit ticket is settled at once (``proxy.log_request``).
 
 It must not: await, keep a request's response (its body) alive, or let one bad record
@@ -63,11 +66,12 @@ class Bookkeeper:
         self._queue: list[tuple[RequestContext, Runtime, float]] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, ctx: RequestContext, rt: Runtime, now: float) -> None:
-        """Queue a finished, authenticated request (``now``: when it ended)."""
+    def add(self, ctx: RequestContext, rt: Runtime, now: float, *, idle: bool) -> None:
+        """Queue a finished, authenticated request (``now``: when it ended; ``idle``: no
+        other request is in flight, so book now)."""
         ctx.response = None  # its bytes are sent: the body must not wait for the batch
         self._queue.append((ctx, rt, now))
-        if len(self._queue) >= BATCH_MAX:
+        if idle or len(self._queue) >= BATCH_MAX:
             self.drain()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(BATCH_S, self.drain)

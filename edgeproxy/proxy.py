@@ -466,4 +466,4 @@ def log_request(ctx: RequestContext, rt: Runtime, svc: Services, now: float) -> 
     if ctx.ticket is not None:  # now: a slot must never leak, and the next request needs it
         usage, _, cost = usage_and_cost(ctx, rt)
         svc.limits.settle(ctx.ticket, usage.prompt + usage.completion, cost)
-    svc.bookkeeper.add(ctx, rt, now)
+    svc.bookkeeper.add(ctx, rt, now, idle=svc.inflight == 0)
