@@ -20,9 +20,7 @@ Every process is stopped by its PID's group in ``finally``; everything is on 127
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -32,7 +30,6 @@ import mock_bodies
 import run
 import targets
 
-RESULTS = os.path.join(targets.HERE, "results")
 LAUNCHER = os.path.join(targets.HERE, "ablated_edgeproxy.py")
 # (name, parts switched off, modes it is measured in)
 VARIANTS = (
@@ -153,12 +150,10 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per mode")
     args = p.parse_args()
-    for tool in ("nginx", "wrk"):
-        if shutil.which(tool) is None:
-            log(f"{tool} is missing: apt-get install -y nginx wrk")
-            return 2
+    if missing := targets.missing_tools("nginx", "wrk"):
+        log(f"{', '.join(missing)} missing: apt-get install -y nginx wrk")
+        return 2
     os.makedirs(targets.WORK, exist_ok=True)
-    os.makedirs(RESULTS, exist_ok=True)
     mock = targets.Mock()
     started: list[targets.Target] = []
     labels = {"minimal": "minimal relay", "edgeproxy-1w": "edgeproxy-1w, the product"}
@@ -193,10 +188,7 @@ def main() -> int:
         "warmup_s": args.warmup,
     }
     text = write_report(summary, labels, header)
-    with open(os.path.join(RESULTS, "ablation.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "ablation.json"), "w") as f:
-        json.dump({"header": header, "summary": summary, "rounds": raw}, f, indent=2)
+    targets.save_results("ablation", text, {"header": header, "summary": summary, "rounds": raw})
     print(text)
     return 0
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,8 +31,6 @@ import loadgen
 import mock_bodies
 import run
 import targets
-
-RESULTS = os.path.join(targets.HERE, "results")
 
 
 def log(message: str) -> None:
@@ -140,12 +136,10 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--connections", type=int, default=16)
     args = p.parse_args()
-    for tool in ("valgrind", "callgrind_control", "nginx", "wrk"):
-        if shutil.which(tool) is None:
-            log(f"{tool} is missing: apt-get install -y valgrind nginx wrk")
-            return 2
+    if missing := targets.missing_tools("valgrind", "callgrind_control", "nginx", "wrk"):
+        log(f"{', '.join(missing)} missing: apt-get install -y valgrind nginx wrk")
+        return 2
     os.makedirs(targets.WORK, exist_ok=True)
-    os.makedirs(RESULTS, exist_ok=True)
     mock = targets.Mock()
     started: list[targets.Target] = []
     results: dict[str, dict] = {}
@@ -183,10 +177,7 @@ def main() -> int:
         "warmup_s": args.warmup,
     }
     text = write_report(results, header)
-    with open(os.path.join(RESULTS, "instructions.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "instructions.json"), "w") as f:
-        json.dump({"header": header, "results": results}, f, indent=2)
+    targets.save_results("instructions", text, {"header": header, "results": results})
     print(text)
     return 0
 

@@ -18,7 +18,9 @@ It must not: generate load (``loadgen.py``) or judge results (``report.py``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,11 +34,26 @@ import mock_bodies
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORK = os.path.join(HERE, ".work")  # scratch: configs, databases, logs (gitignored)
+RESULTS = os.path.join(HERE, "results")  # what a run commits
 VENV_BIN = os.path.dirname(sys.executable)
 EDGEPROXY = os.path.join(VENV_BIN, "edgeproxy")
 BENCH_CONFIG = os.path.join(HERE, "relay.bench.yaml")
 HOST = "127.0.0.1"
 MODELS = {"json": "bench-json", "sse": "bench-sse"}
+
+
+def missing_tools(*tools: str) -> list[str]:
+    """The programs a tool needs that are not on PATH."""
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+def save_results(stem: str, text: str, data: dict) -> None:
+    """results/<stem>.md (the report) and results/<stem>.json (every figure behind it)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def free_port() -> int:
