@@ -25,6 +25,18 @@ class Usage:
     estimated: bool = False
 
 
+# A token count beyond this for one request is an upstream's nonsense (no model's context
+# comes near it) and counts as none: billed, it would be absurd, and SQLite's integers end
+# at 2**63, so a larger one made every batch of the ledger fail from then on.
+MAX_TOKENS = 2**31 - 1
+
+
+def token_count(value: object) -> int:
+    """A token count an upstream reported; 0 for anything that is not one (negative, not
+    an integer, or beyond ``MAX_TOKENS``)."""
+    return value if isinstance(value, int) and 0 < value <= MAX_TOKENS else 0
+
+
 def from_openai(usage: object) -> Usage | None:
     """Read an OpenAI ``usage`` object (chat, completions, embeddings, responses)."""
     if not isinstance(usage, dict):
@@ -39,9 +51,9 @@ def from_openai(usage: object) -> Usage | None:
     details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
     return Usage(
-        prompt=max(0, prompt),
-        completion=completion if isinstance(completion, int) and completion > 0 else 0,
-        cached=cached if isinstance(cached, int) and cached > 0 else 0,
+        prompt=token_count(prompt),
+        completion=token_count(completion),
+        cached=token_count(cached),
     )
 
 

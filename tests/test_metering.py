@@ -9,6 +9,8 @@ import sqlite3
 import pytest
 
 from edgeproxy import db
+from edgeproxy.dialects import anthropic, gemini
+from edgeproxy.usage import MAX_TOKENS, Usage, from_openai
 from tests.conftest import Relay
 from tests.fakes import FakeUpstream, Json, Sse, openai_completion, openai_stream
 
@@ -32,6 +34,36 @@ async def post(http, relay: Relay, secret: str, body: dict, path: str = CHAT):
         relay.url + path, json=body, headers={"Authorization": f"Bearer {secret}"}
     ) as r:
         return r.status, r.headers.copy(), await r.read()
+
+
+async def test_a_token_count_beyond_reason_is_not_billed_and_metering_goes_on(
+    relay: Relay, http, fake: FakeUpstream
+):
+    """An upstream's usage of 2**64 - 1 tokens (an unsigned -1): counted as none. Billed
+    it would be absurd, and SQLite's integers end at 2**63: such a row used to make every
+    later batch of the ledger fail, and the relay refuse every request."""
+    absurd = openai_completion()
+    absurd["usage"] = {"prompt_tokens": 2**64 - 1, "completion_tokens": 7, "total_tokens": 6}
+    fake.push(Json(absurd))
+    for _ in range(2):  # the absurd answer, then the fake's usual one
+        status, _, _ = await post(http, relay, relay.key, {"model": "gpt-4o-mini", "messages": HI})
+        assert status == 200
+    await relay.settle()
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows(relay)] == [(0, 7), (11, 7)]
+    assert relay.worker.svc.ledger.healthy and relay.worker.svc.ledger.pending == 0
+
+
+def test_every_usage_reader_counts_a_number_beyond_reason_as_none() -> None:
+    assert from_openai({"prompt_tokens": 2**64 - 1, "completion_tokens": 2**63}) == Usage()
+    assert from_openai({"prompt_tokens": 5, "completion_tokens": MAX_TOKENS}) == Usage(
+        prompt=5, completion=MAX_TOKENS
+    )
+    assert anthropic.usage_from(
+        {"input_tokens": 2**64 - 1, "cache_read_input_tokens": 2**63, "output_tokens": 5}
+    ) == Usage(completion=5)
+    assert gemini.usage_from({"promptTokenCount": 2**63, "candidatesTokenCount": 3}) == Usage(
+        completion=3
+    )
 
 
 async def test_one_record_per_request_with_exact_cost(relay: Relay, http):

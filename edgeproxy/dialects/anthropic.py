@@ -41,7 +41,7 @@ from edgeproxy.dialects.openai import (
     text_of,
     usage_dict,
 )
-from edgeproxy.usage import Usage, from_openai
+from edgeproxy.usage import Usage, from_openai, token_count
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -436,14 +436,11 @@ def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
 def usage_from(usage: dict[str, Any]) -> Usage:
     """Anthropic usage normalised per SPEC §4: prompt counts cache reads and writes."""
 
-    def count(key: str) -> int:
-        value = usage.get(key)
-        return value if isinstance(value, int) and value > 0 else 0
-
-    cached, written = count("cache_read_input_tokens"), count("cache_creation_input_tokens")
+    cached = token_count(usage.get("cache_read_input_tokens"))
+    written = token_count(usage.get("cache_creation_input_tokens"))
     return Usage(
-        prompt=count("input_tokens") + cached + written,
-        completion=count("output_tokens"),
+        prompt=token_count(usage.get("input_tokens")) + cached + written,
+        completion=token_count(usage.get("output_tokens")),
         cached=cached,
         cache_write=written,
     )

@@ -45,7 +45,7 @@ from edgeproxy.dialects.openai import (
     text_of,
     usage_dict,
 )
-from edgeproxy.usage import Usage
+from edgeproxy.usage import Usage, token_count
 
 __all__ = [
     "THINKING_BUDGETS",
@@ -488,8 +488,7 @@ def _response_id(body: dict[str, Any]) -> str:
 
 
 def _count(metadata: dict[str, Any], key: str) -> int:
-    value = metadata.get(key)
-    return value if isinstance(value, int) and value > 0 else 0
+    return token_count(metadata.get(key))
 
 
 def usage_from(usage_metadata: dict[str, Any]) -> Usage:
