@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from edgeproxy.accesslog import AccessLog
 from edgeproxy.deadlines import Deadlines
 from edgeproxy.limits import Ticket
 from edgeproxy.limits_ipc import LocalLimits, RemoteLimits
@@ -82,7 +81,6 @@ class Services:
     metrics: Metrics
     bookkeeper: Bookkeeper  # metrics, usage records and access log lines, in batches
     limits: LocalLimits | RemoteLimits = field(default_factory=LocalLimits)
-    access: AccessLog = field(default_factory=AccessLog)
     deadlines: Deadlines = field(default_factory=Deadlines)  # the upstream tries' timeouts
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0

@@ -111,7 +111,8 @@ class Ledger:
         return ledger
 
     def record(self, rec: UsageRecord) -> None:
-        """Queue one record. Synchronous and O(1): call it from a ``finally``."""
+        """Queue one record. Synchronous and O(1): the bookkeeper calls it for every
+        finished request, and a request must never wait on SQLite."""
         row = _usage_row(rec)
         storable = _SQL_TYPES.issuperset(map(type, row)) and math.isfinite(rec.cost_usd)
         if not (storable and isinstance(rec.request_id, str) and rec.request_id):

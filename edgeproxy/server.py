@@ -268,15 +268,13 @@ async def open_services(config: Config) -> Services:
     keys = await KeyCache.open(config.database)
     ledger = await Ledger.open(config.database)
     metrics = Metrics(per_key=config.metrics.per_key)
-    access = AccessLog()
     return Services(
         ref=RuntimeRef(Runtime.build(config)),
         upstream=UpstreamClient(user_agent=f"edgeproxy/{__version__}", keepalive_s=60.0),
         keys=keys,
         ledger=ledger,
         metrics=metrics,
-        bookkeeper=Bookkeeper(metrics=metrics, ledger=ledger, access=access),
-        access=access,
+        bookkeeper=Bookkeeper(metrics=metrics, ledger=ledger, access=AccessLog()),
     )
 
 
